@@ -1,0 +1,51 @@
+"""Shared fixtures: real overlay mounts that are always unmounted, and the conformance cases."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from overlay import Overlay, mount_overlay, requires_overlay
+
+CASES_FILE = Path(
+    os.environ.get(
+        "LAYERWATCH_CASES", Path(__file__).resolve().parents[2] / "shared/conformance/cases.json"
+    )
+)
+"""The public conformance cases (DESIGN section 2); ``LAYERWATCH_CASES`` overrides the path."""
+
+
+def load_cases() -> dict[str, Any]:
+    """Load ``cases.json``; an empty skeleton when the file is not present."""
+    if not CASES_FILE.is_file():
+        return {"lower": {"mtime": 0, "entries": []}, "cases": []}
+    with CASES_FILE.open(encoding="utf-8") as fh:
+        data: dict[str, Any] = json.load(fh)
+    return data
+
+
+OverlayFactory = Callable[[Sequence[str]], Overlay]
+
+
+@pytest.fixture
+def overlay_factory(tmp_path: Path) -> Iterator[OverlayFactory]:
+    """Mount overlays over given lowers; each one is unmounted when the test ends."""
+    with contextlib.ExitStack() as stack:
+        count = 0
+
+        def make(lowers: Sequence[str]) -> Overlay:
+            nonlocal count
+            count += 1
+            base = tmp_path / f"ovl{count}"
+            base.mkdir()
+            return stack.enter_context(mount_overlay(str(base), lowers))
+
+        yield make
+
+
+__all__ = ["CASES_FILE", "OverlayFactory", "load_cases", "requires_overlay"]

@@ -172,8 +172,11 @@ _libc: Final = _LibC()
 
 
 def _show(path: bytes) -> str:
-    """A path for messages and logs: printable, ASCII-safe, unambiguous."""
-    return path.decode("utf-8", "backslashreplace").encode("unicode_escape").decode("ascii")
+    """A path for messages: invalid UTF-8 as ``\\xNN``, control characters escaped."""
+    text = path.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def _os_error(path: bytes | None = None) -> OSError:

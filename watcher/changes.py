@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from watcher.errors import LayerError
 from watcher.layers import (
     AUFS_OPQ,
     AUFS_WH,
@@ -311,6 +312,8 @@ def compute(
         LayerError: a layer is missing or not a directory.
         ValueError: an unknown whiteout format.
     """
+    if not os.path.isdir(upper):
+        raise LayerError(f"upper {os.fsdecode(upper)!r} is not a directory")
     lower = LowerStack(lowers, whiteouts=Whiteouts(whiteouts), xattr_prefix=xattr_prefix)
     rules = Rules(upper, lower, xattr_prefix=xattr_prefix)
     out: dict[bytes, Kind] = {}

@@ -1,0 +1,149 @@
+"""The ``layerwatch`` command; the only place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import orjson
+
+from watcher.changes import Change
+from watcher.errors import LayerwatchError
+from watcher.events import path_fields
+from watcher.layers import Whiteouts
+from watcher.mounts import Driver, Filesystem
+
+__all__ = ["escape_path", "main"]
+
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]}
+
+
+def escape_path(path: bytes) -> str:
+    """A path as one printable line: backslash, control characters and invalid UTF-8 escaped."""
+    text = path.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+    return text.translate(_CONTROL)
+
+
+def _write_changes(changes: Sequence[Change], as_json: bool) -> None:
+    out = sys.stdout.buffer
+    if as_json:
+        rows = [{"kind": str(c.kind), **path_fields(c.path)} for c in changes]
+        out.write(orjson.dumps(rows) + b"\n")
+    else:
+        out.write("".join(f"{c.kind} {escape_path(c.path)}\n" for c in changes).encode())
+    out.flush()
+
+
+def _filesystem(args: argparse.Namespace) -> Filesystem:
+    if args.mountpoint is not None:
+        if args.lower or args.upper:
+            raise LayerwatchError("give either a MOUNTPOINT or --lower/--upper, not both")
+        return Filesystem.attach(args.mountpoint)
+    if not args.lower or args.upper is None:
+        raise LayerwatchError("give a MOUNTPOINT, or --upper DIR and at least one --lower DIR")
+    driver = Driver.AUFS if args.whiteouts == Whiteouts.AUFS else Driver.OVERLAY
+    return Filesystem(args.lower, args.upper, os.devnull, driver=driver)
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    _write_changes(_filesystem(args).changes(), args.json)
+    return 0
+
+
+def _managed(args: argparse.Namespace) -> Filesystem:
+    driver = Driver(args.driver)
+    return Filesystem(args.layer, args.rw, args.mountpoint, work=args.work, driver=driver)
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    _managed(args).mount()
+    return 0
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    Filesystem([], os.devnull, args.mountpoint).umount()
+    return 0
+
+
+def _cmd_reset(args: argparse.Namespace) -> int:
+    _managed(args).reset()
+    return 0
+
+
+def _add_view_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint", nargs="?", help="an overlay mount (layers from mountinfo)")
+    parser.add_argument(
+        "--lower",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a lower layer; repeat, top first, base last",
+    )
+    parser.add_argument("--upper", metavar="DIR", help="the writable branch")
+    parser.add_argument(
+        "--whiteouts",
+        choices=[w.value for w in Whiteouts],
+        default=Whiteouts.OVERLAY.value,
+        help="how the branches mark deletions (default: overlay)",
+    )
+
+
+def _add_managed_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mountpoint", help="where the union is mounted")
+    parser.add_argument(
+        "--layer",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="a read-only layer; repeat, top first, base last",
+    )
+    parser.add_argument("--rw", required=True, metavar="DIR", help="the writable branch")
+    parser.add_argument("--work", metavar="DIR", help="overlay work dir (default: RW.work)")
+    parser.add_argument("--driver", choices=[d.value for d in Driver], default=Driver.OVERLAY.value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="layerwatch",
+        description="Know what changed in a union filesystem, the instant it happens.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+        "diff": ("print the change list (what `docker diff` prints)", _cmd_diff),
+        "mount": ("mount a union filesystem", _cmd_mount),
+        "umount": ("unmount a union filesystem (retries while busy)", _cmd_umount),
+        "reset": ("empty the writable branch of a union", _cmd_reset),
+    }
+    parsers = {}
+    for name, (help_, func) in commands.items():
+        parsers[name] = sub.add_parser(name, help=help_, description=help_)
+        parsers[name].set_defaults(func=func)
+    _add_view_args(parsers["diff"])
+    parsers["diff"].add_argument("--json", action="store_true", help="a JSON array of changes")
+    _add_managed_args(parsers["mount"])
+    _add_managed_args(parsers["reset"])
+    parsers["umount"].add_argument("mountpoint")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except LayerwatchError as exc:
+        print(f"layerwatch: error: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        print(f"layerwatch: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 141
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

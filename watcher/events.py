@@ -92,8 +92,8 @@ def subject(path: bytes) -> str:
 
 
 def _time(now: float) -> str:
-    return datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds").replace(
-        "+00:00", "Z"
+    return (
+        datetime.fromtimestamp(now, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     )
 
 
@@ -111,8 +111,9 @@ class EventEncoder:
         self._stream = stream
         self._source = f"/layerwatch/{host}"
 
-    def _envelope(self, seq: int, type_: str, subject_: str | None, data: Mapping[str, Any],
-                  now: float) -> bytes:
+    def _envelope(
+        self, seq: int, type_: str, subject_: str | None, data: Mapping[str, Any], now: float
+    ) -> bytes:
         event: dict[str, Any] = {
             "specversion": "1.0",
             "id": f"{self._stream}:{seq}",
@@ -151,7 +152,8 @@ class EventEncoder:
         body = self._envelope(seq, CHANGE, subject(transition.path), data, now)
         return Record(seq, mount, CHANGE, body)
 
-    def control(self, seq: int, mount: str, type_: str, data: Mapping[str, Any], *,
-                now: float) -> Record:
+    def control(
+        self, seq: int, mount: str, type_: str, data: Mapping[str, Any], *, now: float
+    ) -> Record:
         """Encode a control event (snapshot bounds, resync, bookmark, gap)."""
         return Record(seq, mount, type_, self._envelope(seq, type_, None, data, now))

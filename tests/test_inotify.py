@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import resource
@@ -139,6 +140,19 @@ async def test_file_lifecycle_events_arrive_in_order(ino: Inotify, top: bytes) -
         (IN_ATTRIB, b"f"),
         (IN_DELETE, b"f"),
     ]
+
+
+async def test_parsed_events_are_frozen_equal_and_hashable(ino: Inotify, top: bytes) -> None:
+    """Events from read() behave like RawEvent(...): equal, same hash, immutable."""
+    wd = ino.add_watch(top)
+    os.mkdir(os.path.join(top, b"d"))
+    (event,) = await read_until(ino, has(IN_CREATE, b"d"))
+    expected = RawEvent(wd=wd, mask=IN_CREATE | IN_ISDIR, cookie=0, name=b"d")
+    assert event == expected
+    assert hash(event) == hash(expected)
+    assert repr(event) == repr(expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.name = b"other"  # type: ignore[misc]
 
 
 async def test_directory_events_carry_isdir(ino: Inotify, top: bytes) -> None:

@@ -43,7 +43,11 @@ __all__ = ["Filter", "Log", "RunnerConfig", "SinkRunner", "backoff_delay"]
 
 
 class Log(Protocol):
-    """The part of the durable log (``watcher.spool.Spool``) a runner uses."""
+    """The part of the durable log (``watcher.spool.Spool``) a runner uses.
+
+    The runner calls ``read`` and ``ack`` from a worker thread (they may block on disk), so
+    they must be thread-safe; ``wait`` runs on the event loop.
+    """
 
     @property
     def last_seq(self) -> int:
@@ -267,7 +271,9 @@ class SinkRunner:
                     return
             elif not await self._wait_for_records(stop):
                 continue  # stop was set: the loop re-checks as a drain
-            records = self._spool.read(self._cursor, self.config.batch_size)
+            records = await asyncio.to_thread(
+                self._spool.read, self._cursor, self.config.batch_size
+            )
             if not records:
                 # Nothing readable after the cursor although last_seq is ahead (retention
                 # moved first_seq past it): skip to just before the oldest held record.
@@ -276,7 +282,7 @@ class SinkRunner:
                 if skip_to == self._cursor:
                     await asyncio.sleep(0.05)
                     continue
-                self._acknowledge(skip_to)
+                await self._acknowledge(skip_to)
                 continue
             await self._deliver(records)
 
@@ -357,7 +363,7 @@ class SinkRunner:
             if attempt:
                 self._log.info("sink_recovered", attempts=attempt + 1, first_seq=batch[0].seq)
             break
-        self._acknowledge(last)
+        await self._acknowledge(last)
 
     def _retry_delay(self, attempt: int, exc: Exception) -> float:
         self.retries += 1
@@ -371,8 +377,9 @@ class SinkRunner:
             self.config.retry_after_max,
         )
 
-    def _acknowledge(self, seq: int) -> None:
-        self._spool.ack(self.sink.name, seq)
+    async def _acknowledge(self, seq: int) -> None:
+        # In a thread: a durable ack may wait for the producer's group commit (an fsync).
+        await asyncio.to_thread(self._spool.ack, self.sink.name, seq)
         self._cursor = seq
 
     async def _dead_letter(self, batch: Sequence[Record], exc: SinkRejected) -> None:

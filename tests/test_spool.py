@@ -132,6 +132,21 @@ async def test_sequence_continuity_enforced(spool_path: Path) -> None:
         assert spool.last_seq == 3
 
 
+async def test_failed_append_writes_nothing(spool_path: Path) -> None:
+    """An append that fails half-way rolls back its records and lists; the spool goes on."""
+    with Spool(spool_path) as spool:
+        await spool.append(batch(1, 1))
+        unbindable: dict[bytes, Kind | None] = {b"/ok": Kind.ADDED, object(): Kind.ADDED}  # type: ignore[dict-item]
+        with pytest.raises(SpoolError, match="append failed"):
+            await spool.append(batch(2, 3), lists={"m": unbindable})
+        assert spool.last_seq == 1
+        assert spool.read(0, 10) == batch(1, 1)
+        assert spool.load_list("m") == {}
+        assert spool.mounts() == []
+        await spool.append(batch(2, 1))
+        assert spool.read(0, 10) == batch(1, 2)
+
+
 async def test_ack_never_moves_back(spool_path: Path) -> None:
     """An older ack leaves the cursor where it is; an ack past last_seq is an error."""
     with Spool(spool_path) as spool:

@@ -1,0 +1,412 @@
+"""One mount's live change list, kept in step by reconciling the paths that hints name.
+
+inotify events are hints: each marks a path dirty, and reconciling a dirty path re-reads U
+(and B, cached) through ``watcher.changes.Rules``; only real transitions come out. The tracker
+keeps each entry's own kind (rules 1 to 7) apart from the list (rule 8 added), and counts per
+directory the children in the list, so a change updates its ancestors in O(depth).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from watcher.changes import Change, DirState, Kind, Op, Rules, Transition
+from watcher.errors import WatchError, WatchLimitError
+from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.layers import LowerStack, child_path
+
+__all__ = ["Control", "Item", "Tracker", "WatchOps"]
+
+log = structlog.get_logger("layerwatch.tracker")
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A control event, ordered among the transitions of its mount."""
+
+    type: str
+    data: dict[str, Any]
+
+
+Item = Transition | Control
+"""What a tracker emits: transitions and control events, in order."""
+
+
+class WatchOps:
+    """What a tracker needs from the shared inotify instance (the hub implements it)."""
+
+    def add(self, tracker: Tracker, path: bytes) -> int:
+        """Watch U's directory ``path`` for ``tracker``; returns the wd."""
+        raise NotImplementedError
+
+    def remove(self, tracker: Tracker, wd: int) -> None:
+        """Stop watching ``wd``."""
+        raise NotImplementedError
+
+
+@dataclass(slots=True)
+class _Dir:
+    state: DirState
+    ino: int
+    wd: int | None = None
+    members: set[bytes] = field(default_factory=set)
+
+
+_STRUCTURAL = frozenset({Op.CREATE, Op.MOVE, Op.DELETE})
+
+
+def _parent(path: bytes) -> bytes:
+    return path.rpartition(b"/")[0] or b"/"
+
+
+class Tracker:
+    """The live change list of one writable branch.
+
+    Args:
+        mount: the mount's name (in events and logs).
+        upper: U, the writable branch.
+        lower: B, the lower stack.
+        watches: the shared inotify instance.
+        xattr_prefix: overlay's metadata xattr prefix.
+    """
+
+    def __init__(
+        self,
+        mount: str,
+        upper: bytes,
+        lower: LowerStack,
+        watches: WatchOps,
+        *,
+        xattr_prefix: bytes = b"trusted.overlay.",
+    ) -> None:
+        self.mount = mount
+        self.upper = upper.rstrip(b"/")
+        self.rules = Rules(upper, lower, xattr_prefix=xattr_prefix)
+        self._watches = watches
+        self._own: dict[bytes, Kind] = {}
+        self.kinds: dict[bytes, Kind] = {}
+        self._live: dict[bytes, int] = {}
+        self._dirs: dict[bytes, _Dir] = {}
+        self._wd_path: dict[int, bytes] = {}
+        self._unwatched: set[bytes] = set()
+        self._out: list[Item] = []
+        self.degraded: str | None = None
+        self._log = log.bind(mount=mount)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def changes(self) -> list[Change]:
+        """The change list now, sorted by path bytes."""
+        return [Change(path, self.kinds[path]) for path in sorted(self.kinds)]
+
+    def path_of(self, wd: int) -> bytes | None:
+        """The directory a watch descriptor of this tracker stands for."""
+        return self._wd_path.get(wd)
+
+    @property
+    def watch_count(self) -> int:
+        """How many inotify watches this tracker holds."""
+        return len(self._wd_path)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(
+        self, persisted: Mapping[bytes, Kind] | None = None, *, reason: str = "start"
+    ) -> list[Item]:
+        """Watch and scan U; emit a snapshot (after a restart, the transitions first).
+
+        ``persisted`` is the list saved by an earlier run: what changed while the service was
+        down comes out as transitions (op ``rescan``) after a ``resync`` of reason ``restart``.
+        """
+        if persisted is not None:
+            self.kinds = dict(persisted)
+            self._out.append(Control(RESYNC, {"mount": self.mount, "reason": "restart"}))
+            self._rescan()
+            reason = "restart"
+        else:
+            self._scan_tree(b"/", self.rules.root(), os.lstat(self.upper).st_ino, Op.SNAPSHOT)
+            self._out.clear()  # the snapshot below says it all
+        self._snapshot(reason)
+        return self.take()
+
+    def take(self) -> list[Item]:
+        """Hand over the items emitted since the last call."""
+        out, self._out = self._out, []
+        return out
+
+    def close(self) -> None:
+        """Drop every watch."""
+        for wd in list(self._wd_path):
+            self._watches.remove(self, wd)
+        self._wd_path.clear()
+
+    # -- hints -----------------------------------------------------------------------------
+
+    def dirty_path(self, wd: int, name: bytes) -> bytes | None:
+        """The path an event on ``wd`` with ``name`` makes dirty (None: ignore it)."""
+        directory = self._wd_path.get(wd)
+        if directory is None:
+            return None
+        if not name:
+            return directory
+        entry = self.rules.entry_name(name)
+        if entry is None:  # aufs metadata: .wh..wh..opq changes the directory itself
+            return directory
+        return child_path(directory, entry)
+
+    def forget_wd(self, wd: int) -> None:
+        """The kernel dropped ``wd`` (IN_IGNORED)."""
+        path = self._wd_path.pop(wd, None)
+        if path is not None:
+            info = self._dirs.get(path)
+            if info is not None and info.wd == wd:
+                info.wd = None
+
+    def reconcile(self, dirty: Mapping[bytes, Op]) -> list[Item]:
+        """Bring the list in step for every dirty path (parents first); return the items."""
+        for path in sorted(dirty, key=lambda p: (p.count(b"/"), p)):
+            self._reconcile_one(path, dirty[path])
+        return self.take()
+
+    def resync(self, reason: str) -> list[Item]:
+        """Rescan everything (overflow, watch limits): a resync, real transitions, a snapshot."""
+        self._out.append(Control(RESYNC, {"mount": self.mount, "reason": reason}))
+        self._rescan()
+        self._snapshot(reason)
+        return self.take()
+
+    def rescan(self) -> list[Item]:
+        """Rescan everything and emit only the real transitions (degraded mode's poll)."""
+        self._rescan()
+        return self.take()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _snapshot(self, reason: str) -> None:
+        self._out.append(Control(SNAPSHOT_BEGIN, {"mount": self.mount, "reason": reason}))
+        for path in sorted(self.kinds):
+            self._out.append(
+                Transition(path, self.kinds[path], None, Op.SNAPSHOT, self._lstat(path))
+            )
+        self._out.append(
+            Control(SNAPSHOT_END, {"mount": self.mount, "reason": reason, "count": len(self.kinds)})
+        )
+
+    def _lstat(self, path: bytes) -> os.stat_result | None:
+        try:
+            return os.lstat(self.upper + path)
+        except OSError:
+            return None
+
+    def _reconcile_one(self, path: bytes, op: Op) -> None:
+        if path == b"/":
+            return
+        parent = _parent(path)
+        info = self._dirs.get(parent)
+        if info is None:
+            return  # the parent is gone or not scanned yet: its own hint covers this path
+        name = path[len(parent) + (parent != b"/") :]
+        try:
+            child = self.rules.child(parent, info.state, name)
+        except NotADirectoryError:
+            return
+        old = self._dirs.get(path)
+        new_ino = child.st.st_ino if child.st is not None else 0
+        if child.dir is not None and child.kind is Kind.DELETED:
+            raise AssertionError("a deleted entry has no directory")
+        replaced = (
+            (
+                child.dir is None
+                or child.dir != old.state
+                or new_ino != old.ino
+                or op in _STRUCTURAL  # inode numbers are reused: a new dir may look like the old
+                or (old.state.in_upper and old.wd is None)  # the kernel dropped its watch
+            )
+            if old is not None
+            else False
+        )
+        if old is not None and replaced:
+            self._drop_tree(path, op)
+            old = None
+        if child.kind is Kind.DELETED and op in (Op.CREATE, Op.MOVE):
+            op = Op.WHITEOUT
+        self._set_own(path, child.kind, op, child.st, activity=True)
+        if child.dir is not None and old is None:
+            self._scan_tree(path, child.dir, new_ino, Op.CREATE if op is not Op.RESCAN else op)
+
+    def _scan_tree(self, path: bytes, state: DirState, ino: int, op: Op) -> None:
+        """Watch first, then list; for ``path`` and every directory below it."""
+        stack = [(path, state, ino)]
+        while stack:
+            directory, dstate, dino = stack.pop()
+            info = _Dir(dstate, dino)
+            parent_info = self._dirs.get(_parent(directory))
+            if parent_info is not None and directory != b"/":
+                parent_info.members.add(directory)
+            self._dirs[directory] = info
+            if dstate.in_upper:
+                self._watch(directory, info)
+            try:
+                children = self.rules.scan(directory, dstate)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone already: the parent's hint will drop it
+            for child in children:
+                self._set_own(child.path, child.kind, op, child.st, activity=False)
+                if child.dir is not None:
+                    cino = child.st.st_ino if child.st is not None and child.dir.in_upper else 0
+                    stack.append((child.path, child.dir, cino))
+
+    def _watch(self, directory: bytes, info: _Dir) -> None:
+        try:
+            wd = self._watches.add(self, self.upper + directory)
+        except WatchLimitError as exc:
+            self._unwatched.add(directory)
+            if self.degraded is None:
+                self.degraded = "watch_limit"
+                self._log.error("watch_limit_reached", path=directory, error=str(exc))
+            return
+        except WatchError:
+            return  # vanished between listing and watching: the parent's hint covers it
+        old_path = self._wd_path.get(wd)
+        if old_path is not None and old_path != directory:
+            old_info = self._dirs.get(old_path)
+            if old_info is not None and old_info.wd == wd:
+                old_info.wd = None  # the directory moved: the watch follows it
+        self._wd_path[wd] = directory
+        info.wd = wd
+        self._unwatched.discard(directory)
+
+    def _drop_tree(self, path: bytes, op: Op) -> None:
+        """``path`` left U (or changed type or state): everything known below it goes."""
+        info = self._dirs.pop(path, None)
+        if info is None:
+            return
+        if info.wd is not None and self._wd_path.get(info.wd) == path:
+            del self._wd_path[info.wd]
+            self._watches.remove(self, info.wd)
+        self._unwatched.discard(path)
+        parent_info = self._dirs.get(_parent(path))
+        if parent_info is not None:
+            parent_info.members.discard(path)
+        for member in list(info.members):
+            self._drop_tree(member, op)
+            self._set_own(member, None, op, None, activity=False)
+
+    def _set_own(
+        self, path: bytes, kind: Kind | None, op: Op, st: os.stat_result | None, *, activity: bool
+    ) -> None:
+        old = self._own.get(path)
+        parent_info = self._dirs.get(_parent(path))
+        if kind is None:
+            self._own.pop(path, None)
+            if parent_info is not None and path not in self._dirs:
+                parent_info.members.discard(path)
+        else:
+            self._own[path] = kind
+            if parent_info is not None:
+                parent_info.members.add(path)
+        if old == kind:
+            if activity and op in (Op.MODIFY, Op.ATTRIB) and path in self.kinds:
+                self._emit(path, self.kinds[path], self.kinds[path], op, st)  # activity
+            return
+        self._refresh(path, op, st)
+
+    def _refresh(self, path: bytes, op: Op, st: os.stat_result | None) -> None:
+        """Recompute ``path``'s entry (own kind or rule 8) and carry it up the ancestors."""
+        while path != b"/":
+            old = self.kinds.get(path)
+            new = self._own.get(path)
+            if new is None and self._live.get(path, 0) > 0:
+                new = Kind.CHANGED
+            if new == old:
+                return
+            if new is None:
+                del self.kinds[path]
+            else:
+                self.kinds[path] = new
+            self._emit(path, new, old, op, st)
+            parent = _parent(path)
+            if (old is None) != (new is None):
+                count = self._live.get(parent, 0) + (1 if new is not None else -1)
+                if count:
+                    self._live[parent] = count
+                else:
+                    self._live.pop(parent, None)
+            else:
+                return
+            path, st = parent, None
+            if op not in (Op.RESCAN, Op.SNAPSHOT):
+                op = Op.MODIFY if op is not Op.ATTRIB else op
+
+    def _emit(
+        self, path: bytes, kind: Kind | None, prev: Kind | None, op: Op, st: os.stat_result | None
+    ) -> None:
+        if st is None and kind is not None and kind is not Kind.DELETED:
+            st = self._lstat(path)
+        if kind is Kind.DELETED or kind is None:
+            st = None
+        self._out.append(Transition(path, kind, prev, op, st))
+
+    def _rescan(self) -> None:
+        """Recompute the whole list from U and B; emit only what really differs."""
+        own: dict[bytes, Kind] = {}
+        dirs: dict[bytes, _Dir] = {}
+        stack = [(b"/", self.rules.root(), os.lstat(self.upper).st_ino)]
+        while stack:
+            directory, dstate, dino = stack.pop()
+            info = self._dirs.get(directory)
+            if info is None or info.state != dstate or (dstate.in_upper and info.ino != dino):
+                info = _Dir(dstate, dino)
+            info.members = set()
+            dirs[directory] = info
+            try:
+                children = self.rules.scan(directory, dstate)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for child in children:
+                if child.kind is not None:
+                    own[child.path] = child.kind
+                    info.members.add(child.path)
+                if child.dir is not None:
+                    info.members.add(child.path)
+                    cino = child.st.st_ino if child.st is not None and child.dir.in_upper else 0
+                    stack.append((child.path, child.dir, cino))
+        for path, info in self._dirs.items():
+            stale = dirs.get(path) is not info and info.wd is not None
+            if stale and info.wd is not None and self._wd_path.get(info.wd) == path:
+                del self._wd_path[info.wd]
+                self._watches.remove(self, info.wd)
+        self._dirs = dirs
+        for path, info in dirs.items():
+            if info.state.in_upper and (info.wd is None or self._wd_path.get(info.wd) != path):
+                self._watch(path, info)
+        if not self._unwatched and self.degraded == "watch_limit":
+            self.degraded = None
+            self._log.info("watch_limit_recovered")
+        # Rebuild the derived list from scratch and emit the differences.
+        old_kinds = self.kinds
+        self._own = own
+        self._live = {}
+        self.kinds = dict(own)
+        for path in own:
+            while path != b"/":
+                parent = _parent(path)
+                self._live[parent] = self._live.get(parent, 0) + 1
+                if parent == b"/" or parent in self.kinds:
+                    break
+                self.kinds[parent] = Kind.CHANGED
+                path = parent
+        for path in sorted(old_kinds.keys() | self.kinds.keys()):
+            before, after = old_kinds.get(path), self.kinds.get(path)
+            if before != after:
+                self._emit(path, after, before, Op.RESCAN, None)
+
+    def snapshot_items(self, reason: str) -> list[Item]:
+        """A snapshot of the current list (for a consumer that asks for one)."""
+        self._snapshot(reason)
+        return self.take()

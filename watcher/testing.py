@@ -53,10 +53,13 @@ def make_records(
         paths: the paths to cycle through (default ``/file-SEQ``); may be any bytes.
     """
     encoder = EventEncoder(stream=stream, host="testing")
-    st = os.stat_result((stat.S_IFREG | 0o644, 1, 1, 1, 0, 0, 5, 0, 0, 0))
     records = []
     for seq in range(start, start + count):
         path = paths[(seq - start) % len(paths)] if paths else f"/file-{seq}".encode()
+        mtime_ns = 1_700_000_000_000_000_000 + seq
+        # (mode, ino, dev, nlink, uid, gid, size, 3 x int times, 3 x float times, 3 x ns times)
+        fields = (stat.S_IFREG | 0o644, seq, 1, 1, 0, 0, 5, 0, 0, 0)
+        st = os.stat_result((*fields, 0.0, mtime_ns / 1e9, 0.0, 0, mtime_ns, 0))
         transition = Transition(path, Kind.ADDED, None, Op.CREATE, st)
         records.append(encoder.change(seq, mount, transition, now=1_700_000_000.0 + seq))
     return records

@@ -1,0 +1,388 @@
+"""The built-in sinks (stdout, jsonl, exec), their discovery by entry point, and the test kit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from watcher.builtin_sinks import ExecSink, JsonlSink, StdoutSink
+from watcher.delivery import RunnerConfig, SinkRunner
+from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
+from watcher.events import Record
+from watcher.plugins import available_sinks, load_sink
+from watcher.sinks import Sink
+from watcher.testing import FlakySink, MemoryLog, MemorySink, check_sink_contract, make_records
+
+
+def ids(data: bytes) -> list[str]:
+    """The event ids of JSON lines."""
+    return [orjson.loads(line)["id"] for line in data.splitlines()]
+
+
+def record_ids(records: list[Record]) -> list[str]:
+    """The event ids of records."""
+    return [r.id for r in records]
+
+
+@contextlib.contextmanager
+def piped_stdout() -> Iterator[int]:
+    """sys.stdout replaced by the write end of a real pipe; yields the read end.
+
+    Used inside the test body: pytest's own capture resets sys.stdout between test phases.
+    """
+    read_fd, write_fd = os.pipe()
+    saved = sys.stdout
+    writer = io.TextIOWrapper(open(write_fd, "wb"))  # noqa: SIM115 - closed below
+    sys.stdout = writer
+    try:
+        yield read_fd
+    finally:
+        sys.stdout = saved
+        writer.close()
+        with contextlib.suppress(OSError):
+            os.close(read_fd)
+
+
+def listing(directory: Path) -> list[str]:
+    """The sorted names in ``directory``."""
+    return sorted(p.name for p in directory.iterdir())
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (and is not a zombie)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def read_available(fd: int) -> bytes:
+    """What the pipe holds now."""
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# -- stdout ------------------------------------------------------------------------------------
+
+
+async def test_stdout_writes_one_line_per_event() -> None:
+    """stdout gets each event body followed by a newline, in order."""
+    sink = StdoutSink("out", {})
+    batch = make_records(1, 5)
+    with piped_stdout() as read_fd:
+        await sink.open()
+        await sink.send(batch)
+        await sink.close()
+        assert read_available(read_fd) == b"".join(r.body + b"\n" for r in batch)
+
+
+async def test_stdout_closed_pipe_rejects() -> None:
+    """When the reader of stdout went away, batches are rejected and health says why."""
+    sink = StdoutSink("out", {})
+    with piped_stdout() as read_fd:
+        os.close(read_fd)
+        await sink.open()
+        with capture_logs() as logs, pytest.raises(SinkRejected, match="broken pipe"):
+            await sink.send(make_records(1, 2))
+    assert [e["event"] for e in logs] == ["stdout_closed"]
+    assert not sink.health().ok
+    with pytest.raises(SinkRejected):
+        await sink.send(make_records(3, 1))
+
+
+async def test_stdout_keeps_the_contract() -> None:
+    """The stdout sink passes the sink contract checks."""
+    with piped_stdout() as read_fd:
+        await check_sink_contract(StdoutSink, {})
+        assert len(read_available(read_fd).splitlines()) == 6
+
+
+# -- jsonl -------------------------------------------------------------------------------------
+
+
+async def test_jsonl_appends_lines(tmp_path: Path) -> None:
+    """The jsonl sink appends whole lines across batches and reopenings."""
+    path = tmp_path / "sub" / "events.jsonl"
+    for start in (1, 4):
+        sink = JsonlSink("j", {"path": str(path)})
+        await sink.open()
+        await sink.send(make_records(start, 3))
+        await sink.close()
+    assert ids(path.read_bytes()) == [f"test:{n}" for n in range(1, 7)]
+
+
+async def test_jsonl_rotates_and_keeps_files(tmp_path: Path) -> None:
+    """Rotation moves full files to path.1.., drops beyond keep, and never splits a line."""
+    path = tmp_path / "events.jsonl"
+    records = make_records(1, 20)
+    line = len(records[0].body) + 1
+    assert all(len(r.body) + 1 == line for r in records[:9])
+    sink = JsonlSink("j", {"path": str(path), "max_bytes": 3 * line, "keep": 2})
+    await sink.open()
+    await sink.send(records[:4])
+    await sink.send(records[4:9])
+    await sink.close()
+    assert listing(tmp_path) == [
+        "events.jsonl",
+        "events.jsonl.1",
+        "events.jsonl.2",
+    ]
+    assert ids(path.read_bytes()) == ["test:7", "test:8", "test:9"]
+    assert ids((tmp_path / "events.jsonl.1").read_bytes()) == ["test:4", "test:5", "test:6"]
+    assert ids((tmp_path / "events.jsonl.2").read_bytes()) == ["test:1", "test:2", "test:3"]
+    assert all((tmp_path / name).stat().st_size <= 3 * line for name in listing(tmp_path))
+
+
+async def test_jsonl_line_larger_than_max_bytes_gets_its_own_file(tmp_path: Path) -> None:
+    """A line above max_bytes is written whole into a file of its own."""
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink("j", {"path": str(path), "max_bytes": 10, "keep": 5})
+    await sink.open()
+    await sink.send(make_records(1, 3))
+    await sink.close()
+    assert ids(path.read_bytes()) == ["test:3"]
+    assert ids((tmp_path / "events.jsonl.1").read_bytes()) == ["test:2"]
+    assert ids((tmp_path / "events.jsonl.2").read_bytes()) == ["test:1"]
+
+
+@pytest.mark.parametrize("good_lines", [0, 2])
+async def test_jsonl_repairs_a_torn_last_line(tmp_path: Path, good_lines: int) -> None:
+    """On open, a last line without its newline is truncated away and logged."""
+    path = tmp_path / "events.jsonl"
+    good = b"".join(r.body + b"\n" for r in make_records(1, good_lines))
+    torn = make_records(good_lines + 1, 1)[0].body[:17]
+    path.write_bytes(good + torn)
+    sink = JsonlSink("j", {"path": str(path)})
+    with capture_logs() as logs:
+        await sink.open()
+    assert path.read_bytes() == good
+    [event] = [e for e in logs if e["event"] == "jsonl_torn_line_truncated"]
+    assert event["dropped"] == len(torn)
+    await sink.send(make_records(good_lines + 1, 1))
+    await sink.close()
+    assert ids(path.read_bytes()) == [f"test:{n}" for n in range(1, good_lines + 2)]
+
+
+async def test_jsonl_write_failure_is_retryable(tmp_path: Path) -> None:
+    """A full disk (here /dev/full) makes send raise SinkUnavailable and health not ok."""
+    sink = JsonlSink("j", {"path": "/dev/full", "fsync": "never"})
+    await sink.open()
+    with pytest.raises(SinkUnavailable, match="No space left"):
+        await sink.send(make_records(1, 1))
+    assert not sink.health().ok
+    await sink.close()
+
+
+@pytest.mark.parametrize("fsync", ["batch", "interval", "never"])
+async def test_jsonl_keeps_the_contract(tmp_path: Path, fsync: str) -> None:
+    """The jsonl sink passes the sink contract checks under every fsync policy."""
+    path = tmp_path / "c.jsonl"
+    options = {"path": str(path), "fsync": fsync, "fsync_interval": 0.01}
+    await check_sink_contract(JsonlSink, options)
+    assert len(ids(path.read_bytes())) == 6
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({}, "sinks.j.path"),
+        ({"path": ""}, "sinks.j.path"),
+        ({"path": "x", "fsync": "sometimes"}, "sinks.j.fsync"),
+        ({"path": "x", "keep": 0}, "sinks.j.keep"),
+        ({"path": "x", "max_bytes": -1}, "sinks.j.max_bytes"),
+        ({"path": "x", "max_bytes": "1M"}, "sinks.j.max_bytes"),
+        ({"path": "x", "fsync_interval": 0}, "sinks.j.fsync_interval"),
+        ({"path": "x", "rotate": True}, "sinks.j.rotate"),
+    ],
+)
+def test_jsonl_bad_options_name_the_key(options: Mapping[str, object], key: str) -> None:
+    """Missing, malformed and unknown jsonl options raise ConfigError naming the key."""
+    with pytest.raises(ConfigError) as info:
+        JsonlSink("j", options)
+    assert info.value.key == key
+
+
+# -- exec --------------------------------------------------------------------------------------
+
+
+def sh(script: str, *args: str, **options: object) -> ExecSink:
+    """An exec sink running ``sh -c script sh args...``."""
+    return ExecSink("x", {"command": ["sh", "-c", script, "sh", *args], **options})
+
+
+async def test_exec_feeds_batches_on_stdin(tmp_path: Path) -> None:
+    """The command gets the batch as JSON lines on stdin, once per send."""
+    out = tmp_path / "out.jsonl"
+    sink = sh('cat >> "$1"', str(out))
+    await sink.open()
+    await sink.send(make_records(1, 3))
+    await sink.send(make_records(4, 2))
+    await sink.close()
+    assert ids(out.read_bytes()) == [f"test:{n}" for n in range(1, 6)]
+    assert sink.health().ok
+
+
+async def test_exec_failure_is_retryable_and_stderr_logged() -> None:
+    """A non-zero exit raises SinkUnavailable and the command's stderr is logged."""
+    sink = sh("cat > /dev/null; echo 'remote said no' >&2; exit 3")
+    with capture_logs() as logs, pytest.raises(SinkUnavailable, match="status 3"):
+        await sink.send(make_records(1, 2))
+    [event] = [e for e in logs if e["event"] == "exec_failed"]
+    assert event["stderr"] == "remote said no\n"
+    assert event["sink"] == "x"
+    assert not sink.health().ok
+
+
+async def test_exec_timeout_kills_the_command(tmp_path: Path) -> None:
+    """A command that outlives the timeout is killed and the send is retryable."""
+    pidfile = tmp_path / "pid"
+    sink = sh('echo $$ > "$1"; exec sleep 60', str(pidfile), timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(SinkUnavailable, match="did not finish"):
+        await sink.send(make_records(1, 1))
+    assert time.monotonic() - started < 5
+    assert not alive(int(pidfile.read_text()))
+
+
+async def test_exec_cancelled_send_kills_the_command(tmp_path: Path) -> None:
+    """Cancelling a send (runner shutdown) kills the running command."""
+    pidfile = tmp_path / "pid"
+    sink = sh('echo $$ > "$1"; exec sleep 60', str(pidfile))
+    task = asyncio.create_task(sink.send(make_records(1, 1)))
+    for _ in range(1000):
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        await asyncio.sleep(0.01)
+    pid = int(pidfile.read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not alive(pid)
+
+
+async def test_exec_missing_program_is_retryable(tmp_path: Path) -> None:
+    """A program that cannot be started raises SinkUnavailable."""
+    sink = ExecSink("x", {"command": [str(tmp_path / "no-such-program")]})
+    with pytest.raises(SinkUnavailable, match="cannot run"):
+        await sink.send(make_records(1, 1))
+
+
+async def test_exec_debounce_batches_a_burst(tmp_path: Path) -> None:
+    """With debounce, a burst of events inside the window triggers one run of the command."""
+    out, runs = tmp_path / "out.jsonl", tmp_path / "runs"
+    sink = sh('cat >> "$1"; echo run >> "$2"', str(out), str(runs), debounce=0.3)
+    log = MemoryLog()
+    stop = asyncio.Event()
+    task = asyncio.create_task(SinkRunner(sink, log, RunnerConfig()).run(stop))
+    for start in range(1, 10, 3):
+        log.extend(make_records(start, 3))
+        await asyncio.sleep(0.02)
+    for _ in range(1000):
+        if log.cursor("x") == 9:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await task
+    assert ids(out.read_bytes()) == [f"test:{n}" for n in range(1, 10)]
+    assert runs.read_text() == "run\n"
+
+
+async def test_exec_keeps_the_contract(tmp_path: Path) -> None:
+    """The exec sink passes the sink contract checks."""
+    out = tmp_path / "out.jsonl"
+    await check_sink_contract(ExecSink, {"command": ["sh", "-c", f"cat >> {out}"]})
+    assert len(ids(out.read_bytes())) == 6
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({}, "sinks.x.command"),
+        ({"command": "cat >> /tmp/x"}, "sinks.x.command"),
+        ({"command": []}, "sinks.x.command"),
+        ({"command": ["cat", 1]}, "sinks.x.command"),
+        ({"command": ["cat"], "timeout": 0}, "sinks.x.timeout"),
+        ({"command": ["cat"], "debounce": -1}, "sinks.x.debounce"),
+        ({"command": ["cat"], "shell": True}, "sinks.x.shell"),
+    ],
+)
+def test_exec_bad_options_name_the_key(options: Mapping[str, object], key: str) -> None:
+    """A command that is not a list of strings, and other bad options, raise ConfigError."""
+    with pytest.raises(ConfigError) as info:
+        ExecSink("x", options)
+    assert info.value.key == key
+
+
+# -- discovery and the test kit ----------------------------------------------------------------
+
+
+def test_builtin_sinks_are_discovered() -> None:
+    """The built-in sinks are found through the layerwatch.sinks entry points."""
+    assert {"stdout", "jsonl", "exec", "webhook"} <= set(available_sinks())
+
+
+def test_load_sink_builds_by_type(tmp_path: Path) -> None:
+    """load_sink builds the sink of the named type with its options."""
+    sink = load_sink("audit", "jsonl", {"path": str(tmp_path / "a.jsonl")})
+    assert isinstance(sink, JsonlSink)
+    assert isinstance(sink, Sink)
+    assert sink.name == "audit"
+
+
+def test_load_sink_unknown_type_lists_the_known() -> None:
+    """An unknown type raises ConfigError on sinks.NAME.type, listing the known types."""
+    with pytest.raises(ConfigError) as info:
+        load_sink("audit", "carrier-pigeon", {})
+    assert info.value.key == "sinks.audit.type"
+    assert "carrier-pigeon" in info.value.problem
+    assert "jsonl" in info.value.problem
+    assert "webhook" in info.value.problem
+
+
+def test_load_sink_passes_option_errors_through() -> None:
+    """A bad option surfaces as the sink's own ConfigError naming the option."""
+    with pytest.raises(ConfigError) as info:
+        load_sink("audit", "exec", {"command": "rm -rf /"})
+    assert info.value.key == "sinks.audit.command"
+
+
+async def test_contract_passes_for_the_memory_sink() -> None:
+    """The test kit's memory sink passes its own contract checks."""
+    await check_sink_contract(MemorySink, {})
+
+
+async def test_contract_catches_a_hanging_send() -> None:
+    """The contract checks fail for a sink whose send never returns."""
+    with pytest.raises(AssertionError, match="send did not finish"):
+        await check_sink_contract(FlakySink, {"mode": "hang"}, deadline=0.2)
+
+
+async def test_contract_catches_ignored_unknown_options() -> None:
+    """The contract checks fail for a sink that accepts unknown options silently."""
+
+    class Lax(MemorySink):
+        def __init__(self, name: str, options: Mapping[str, object]) -> None:
+            super().__init__(name)
+
+    with pytest.raises(AssertionError, match="unknown option"):
+        await check_sink_contract(Lax, {})

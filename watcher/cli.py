@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 import orjson
 
+from watcher import log
 from watcher.changes import Change
+from watcher.demo import run_demo
 from watcher.errors import LayerwatchError
 from watcher.events import path_fields
 from watcher.layers import Whiteouts
 from watcher.mounts import Driver, Filesystem
+from watcher.watch import StreamOutlet, install_stop_signals, watch
 
 __all__ = ["escape_path", "main"]
 
@@ -50,6 +54,27 @@ def _filesystem(args: argparse.Namespace) -> Filesystem:
 def _cmd_diff(args: argparse.Namespace) -> int:
     _write_changes(_filesystem(args).changes(), args.json)
     return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    fs = _filesystem(args)
+    log.configure(level=args.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        undo = install_stop_signals(stop)
+        try:
+            await watch(fs, StreamOutlet(sys.stdout.buffer), stop, name=args.name)
+        finally:
+            undo()
+
+    asyncio.run(main())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    log.configure(level=args.log_level)
+    return asyncio.run(run_demo(pause=args.pause))
 
 
 def _managed(args: argparse.Namespace) -> Filesystem:
@@ -113,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
         "diff": ("print the change list (what `docker diff` prints)", _cmd_diff),
+        "watch": ("follow one mount: snapshot, then live events as JSON lines", _cmd_watch),
+        "demo": ("mount a sample overlay, change it, show the events", _cmd_demo),
         "mount": ("mount a union filesystem", _cmd_mount),
         "umount": ("unmount a union filesystem (retries while busy)", _cmd_umount),
         "reset": ("empty the writable branch of a union", _cmd_reset),
@@ -123,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].set_defaults(func=func)
     _add_view_args(parsers["diff"])
     parsers["diff"].add_argument("--json", action="store_true", help="a JSON array of changes")
+    _add_view_args(parsers["watch"])
+    parsers["watch"].add_argument("--name", default="default", help="the mount's name in events")
+    parsers["demo"].add_argument("--pause", type=float, default=0.3, help="seconds between steps")
+    for name in ("watch", "demo"):
+        parsers[name].add_argument(
+            "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        )
     _add_managed_args(parsers["mount"])
     _add_managed_args(parsers["reset"])
     parsers["umount"].add_argument("mountpoint")

@@ -10,13 +10,14 @@ from collections.abc import Callable, Sequence
 
 import orjson
 
-from watcher import log
+from watcher import config, log
 from watcher.changes import Change
 from watcher.demo import run_demo
 from watcher.errors import LayerwatchError
 from watcher.events import path_fields
 from watcher.layers import Whiteouts
 from watcher.mounts import Driver, Filesystem
+from watcher.service import Service
 from watcher.watch import StreamOutlet, install_stop_signals, watch
 
 __all__ = ["escape_path", "main"]
@@ -69,6 +70,13 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             undo()
 
     asyncio.run(main())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = config.load(args.config)
+    log.configure(level=cfg.log_level)
+    asyncio.run(Service(cfg).run())
     return 0
 
 
@@ -139,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
         "diff": ("print the change list (what `docker diff` prints)", _cmd_diff),
         "watch": ("follow one mount: snapshot, then live events as JSON lines", _cmd_watch),
+        "run": ("run the service from a TOML config", _cmd_run),
         "demo": ("mount a sample overlay, change it, show the events", _cmd_demo),
         "mount": ("mount a union filesystem", _cmd_mount),
         "umount": ("unmount a union filesystem (retries while busy)", _cmd_umount),
@@ -150,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].set_defaults(func=func)
     _add_view_args(parsers["diff"])
     parsers["diff"].add_argument("--json", action="store_true", help="a JSON array of changes")
+    parsers["run"].add_argument("config", help="the TOML configuration file")
     _add_view_args(parsers["watch"])
     parsers["watch"].add_argument("--name", default="default", help="the mount's name in events")
     parsers["demo"].add_argument("--pause", type=float, default=0.3, help="seconds between steps")

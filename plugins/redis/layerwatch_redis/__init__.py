@@ -1,0 +1,159 @@
+"""layerwatch sink for Redis Streams: the only module that imports ``redis``.
+
+Each record is ``XADD``-ed to its mount's stream with an explicit entry id derived from its
+sequence number (``SEQ-0``). Sequence numbers grow across the whole service, so they grow
+within each mount's stream too, and Redis refuses an id equal to or below a stream's last id:
+a record written by an earlier, half-acknowledged attempt fails with that error on retry,
+which this sink counts as "already written". No record can be written twice.
+
+The batch goes out as one ``MULTI``/``EXEC`` pipeline (one round trip). A plain pipeline
+(``transaction=False``) could write record 5 of a stream after record 4 failed (say, out of
+memory for a moment); on retry, record 4's id would then be below the stream's top and it
+would be taken as written: lost. Inside ``MULTI`` a command refused while queuing aborts the
+whole batch, so the records written for a stream are always a prefix of its records in the
+batch and a retry fills in exactly the rest.
+
+Options (``[sinks.NAME]`` with ``type = "redis"``):
+
+- ``url``: the server (default ``redis://127.0.0.1:6379/0``).
+- ``stream``: the key template, ``{mount}`` is the mount name (default ``layerwatch:{mount}``).
+- ``service_stream``: the key of events without a mount (default ``layerwatch:_service``).
+- ``maxlen``: trim each stream to about this many entries (``MAXLEN ~``); absent: no trimming.
+- ``timeout``: seconds for connecting and for each round trip (default 10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import redis.asyncio
+import redis.exceptions
+import structlog
+
+from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
+from watcher.events import Record
+from watcher.plugins import Options
+from watcher.sinks import Health
+
+__all__ = ["RedisSink", "entry_id"]
+
+_log = structlog.get_logger()
+
+_ALREADY_WRITTEN: Final = "equal or smaller than the target stream top item"
+"""The tail of Redis's error for an ``XADD`` id at or below the stream's last id."""
+
+
+def entry_id(seq: int) -> str:
+    """The stream entry id of the event with sequence number ``seq`` (``SEQ-0``; 0 -> ``0-1``)."""
+    return f"{seq}-0" if seq > 0 else "0-1"
+
+
+class RedisSink:
+    """Appends events to Redis Streams, one stream per mount.
+
+    Args:
+        name: the sink's name in the config.
+        options: the sink's options table (see the module docstring).
+
+    Raises:
+        ConfigError: naming the option that is missing, unknown or malformed.
+    """
+
+    def __init__(self, name: str, options: Mapping[str, object]) -> None:
+        self.name = name
+        opts = Options(name, options)
+        self._url = opts.string("url", "redis://127.0.0.1:6379/0")
+        self._template = opts.string("stream", "layerwatch:{mount}")
+        self._service_stream = opts.string("service_stream", "layerwatch:_service")
+        self._maxlen = opts.integer("maxlen", 0, minimum=1) if "maxlen" in options else None
+        self._timeout = opts.number("timeout", 10.0, minimum=0, exclusive=True)
+        opts.finish()
+        try:
+            self._template.format(mount="m")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(opts.key("stream"), f"bad template {self._template!r}") from exc
+        if "{mount}" not in self._template:
+            raise ConfigError(opts.key("stream"), "template must contain {mount}")
+        self._client: redis.asyncio.Redis | None = None
+        self._health = Health(ok=True)
+        self._log = _log.bind(sink=name)
+
+    def stream(self, mount: str) -> str:
+        """The stream key an event of ``mount`` is appended to (``""``: service-wide)."""
+        return self._template.format(mount=mount) if mount else self._service_stream
+
+    async def open(self) -> None:
+        """Connect and check the server answers.
+
+        Raises:
+            SinkUnavailable: the server cannot be reached or is still loading its data.
+        """
+        client = redis.asyncio.Redis.from_url(
+            self._url,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+        )
+        try:
+            await client.ping()
+        except (OSError, redis.exceptions.RedisError) as exc:
+            await client.aclose()
+            self._health = Health(ok=False, detail=f"connect: {exc!r}")
+            raise SinkUnavailable(f"redis: cannot reach {self._url}: {exc!r}") from exc
+        self._client = client
+        self._health = Health(ok=True)
+        self._log.info("redis_sink_opened", url=self._url)
+
+    async def send(self, batch: Sequence[Record]) -> None:
+        """Append ``batch`` in one ``MULTI``/``EXEC`` and return once every record is in.
+
+        Raises:
+            SinkUnavailable: the server is unreachable, loading, read-only or out of memory.
+            SinkRejected: a stream key holds another type (``WRONGTYPE``).
+        """
+        if self._client is None:
+            raise SinkUnavailable("redis: not open")
+        if not batch:
+            return
+        pipe = self._client.pipeline(transaction=True)
+        for record in batch:
+            pipe.xadd(
+                self.stream(record.mount),
+                {"id": record.id, "type": record.type, "event": record.body},
+                id=entry_id(record.seq),
+                maxlen=self._maxlen,
+                approximate=True,
+            )
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (OSError, redis.exceptions.RedisError) as exc:
+            self._health = Health(ok=False, detail=repr(exc))
+            raise SinkUnavailable(f"redis: batch not written: {exc!r}") from exc
+        duplicates = 0
+        for record, result in zip(batch, results, strict=True):
+            if not isinstance(result, redis.exceptions.ResponseError):
+                continue
+            if _ALREADY_WRITTEN in str(result):
+                duplicates += 1
+                continue
+            self._health = Health(ok=False, detail=repr(result))
+            key = self.stream(record.mount)
+            if str(result).startswith("WRONGTYPE"):
+                raise SinkRejected(f"redis: {key} is not a stream: {result}") from result
+            raise SinkUnavailable(f"redis: {key}: {result}") from result
+        if duplicates:
+            self._log.info("redis_duplicates_skipped", count=duplicates, batch=len(batch))
+        self._health = Health(ok=True)
+
+    def health(self) -> Health:
+        """The outcome of the last connect or batch."""
+        return self._health
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except (OSError, redis.exceptions.RedisError) as exc:
+                self._log.warning("redis_close_failed", error=repr(exc))

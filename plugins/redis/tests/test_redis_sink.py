@@ -1,0 +1,188 @@
+"""The Redis Streams sink against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+import redis.asyncio
+from layerwatch_redis import RedisSink, entry_id
+from rediskit import MOUNTS, Server, batches, build_records, deliver, free_port
+
+from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
+from watcher.events import Record
+
+Entries = list[tuple[str, dict[bytes, bytes]]]
+
+
+async def read_streams(url: str, keys: Sequence[str]) -> dict[str, Entries]:
+    """Every entry of each stream in ``keys``, as (entry id, fields)."""
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        out = {}
+        for key in keys:
+            entries = await client.xrange(key, "-", "+")
+            out[key] = [(entry.decode(), fields) for entry, fields in entries]
+        return out
+    finally:
+        await client.aclose()
+
+
+async def assert_exactly_once(sink: RedisSink, url: str, sent: Sequence[Record]) -> None:
+    """Each mount's stream holds exactly its records, once, in seq order, with their fields."""
+    mounts = sorted({record.mount for record in sent})
+    streams = await read_streams(url, [sink.stream(mount) for mount in mounts])
+    for mount in mounts:
+        expected = [record for record in sent if record.mount == mount]
+        stored = streams[sink.stream(mount)]
+        assert [entry for entry, _ in stored] == [entry_id(r.seq) for r in expected]
+        for (_, fields), record in zip(stored, expected, strict=True):
+            assert fields == {
+                b"id": record.id.encode(),
+                b"type": record.type.encode(),
+                b"event": record.body,
+            }
+
+
+@pytest.fixture
+async def sink(redis_server: Server) -> AsyncIterator[RedisSink]:
+    """An opened sink on the server, with short timeouts."""
+    sink = RedisSink("r", {"url": redis_server.url, "timeout": 2.0})
+    await sink.open()
+    yield sink
+    await sink.close()
+
+
+async def test_stream_arrives_complete_and_in_order_per_mount(
+    sink: RedisSink, redis_server: Server
+) -> None:
+    """A stream of batches lands whole, one Redis stream per mount, ids from the sequence."""
+    sent = build_records(600)
+    for batch in batches(sent, 64):
+        await sink.send(batch)
+    await assert_exactly_once(sink, redis_server.url, sent)
+    assert sink.stream("db.main") == "layerwatch:db.main"
+    assert sink.stream("") == "layerwatch:_service"
+    assert sink.health().ok
+
+
+async def test_retried_and_half_written_batches_are_not_doubled(
+    sink: RedisSink, redis_server: Server
+) -> None:
+    """A batch sent again, or after a prefix of it landed, adds only what was missing."""
+    sent = build_records(200)
+    await sink.send(sent[:70])
+    await sink.send(sent)
+    await sink.send(sent)
+    await sink.send(sent[100:120])
+    await assert_exactly_once(sink, redis_server.url, sent)
+
+
+async def test_out_of_memory_writes_nothing_then_retry_writes_all(
+    sink: RedisSink, redis_server: Server
+) -> None:
+    """A batch refused for memory writes no record of it; the retry after recovery writes all."""
+    sent = build_records(120)
+    await sink.send(sent[:30])
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", 1)
+        with pytest.raises(SinkUnavailable):
+            await sink.send(sent[30:])
+        assert not sink.health().ok
+        lengths = [await admin.xlen(sink.stream(mount)) for mount in (*MOUNTS, "")]
+        assert sum(lengths) == 30
+        await admin.config_set("maxmemory", 0)
+    finally:
+        await admin.aclose()
+    await sink.send(sent[30:])
+    await assert_exactly_once(sink, redis_server.url, sent)
+    assert sink.health().ok
+
+
+async def test_wrong_key_type_is_rejected(sink: RedisSink, redis_server: Server) -> None:
+    """A stream key holding a string is a permanent refusal (SinkRejected)."""
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    await admin.set("layerwatch:web", "not a stream")
+    await admin.aclose()
+    with pytest.raises(SinkRejected, match="layerwatch:web"):
+        await sink.send(build_records(10))
+
+
+async def test_maxlen_trims_approximately(redis_server: Server) -> None:
+    """maxlen trims each stream to about that many entries, and retries still dedupe."""
+    sink = RedisSink("r", {"url": redis_server.url, "maxlen": 10})
+    await sink.open()
+    try:
+        sent = build_records(3000, mounts=("web",))
+        for batch in batches(sent, 100):
+            await sink.send(batch)
+        await sink.send(sent[-100:])
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        length = await client.xlen("layerwatch:web")
+        last = await client.xrevrange("layerwatch:web", count=1)
+        await client.aclose()
+        assert 10 <= length < 2000
+        last_web = [record for record in sent if record.mount == "web"][-1]
+        assert last[0][0].decode() == entry_id(last_web.seq)
+    finally:
+        await sink.close()
+
+
+async def test_unreachable_server_is_unavailable() -> None:
+    """open() against a port nobody listens on raises SinkUnavailable and reports unhealthy."""
+    sink = RedisSink("r", {"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": 1})
+    with pytest.raises(SinkUnavailable):
+        await sink.open()
+    assert not sink.health().ok
+    with pytest.raises(SinkUnavailable):
+        await sink.send(build_records(1))
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ({"bogus": 1}, "sinks.r.bogus"),
+        ({"maxlen": 0}, "sinks.r.maxlen"),
+        ({"stream": "fixed"}, "sinks.r.stream"),
+        ({"stream": "x:{nope}"}, "sinks.r.stream"),
+        ({"timeout": -1}, "sinks.r.timeout"),
+    ],
+)
+def test_bad_options_name_the_key(options: dict[str, object], key: str) -> None:
+    """A bad or unknown option is a ConfigError naming sinks.NAME.OPTION."""
+    with pytest.raises(ConfigError) as info:
+        RedisSink("r", options)
+    assert info.value.key == key
+
+
+def test_entry_ids_grow_with_the_sequence() -> None:
+    """Entry ids are SEQ-0, valid for Redis (above 0-0) and ordered like the sequence."""
+    assert [entry_id(seq) for seq in (0, 1, 2, 10)] == ["0-1", "1-0", "2-0", "10-0"]
+
+
+async def test_server_killed_mid_stream_loses_and_doubles_nothing(
+    sink: RedisSink, redis_server: Server
+) -> None:
+    """SIGKILL and restart of the server mid-stream: retries store every record exactly once."""
+    sent = build_records(1000)
+    progress = asyncio.Event()
+    failed = asyncio.Event()
+    failures = 0
+
+    async def chaos() -> None:
+        await progress.wait()
+        redis_server.kill()
+        await failed.wait()
+        await asyncio.to_thread(redis_server.start)
+
+    chaos_task = asyncio.create_task(chaos())
+    for index, batch in enumerate(batches(sent, 25)):
+        if index == 10:
+            progress.set()
+        failures += await deliver(sink, batch, on_failure=failed.set)
+    await chaos_task
+    assert failures >= 1, "the outage was not observed"
+    await assert_exactly_once(sink, redis_server.url, sent)

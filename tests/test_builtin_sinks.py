@@ -8,6 +8,7 @@ import io
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -386,3 +387,34 @@ async def test_contract_catches_ignored_unknown_options() -> None:
 
     with pytest.raises(AssertionError, match="unknown option"):
         await check_sink_contract(Lax, {})
+
+
+# -- docs/sinks.md -----------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "sinks.md"
+
+
+def doc_blocks(language: str) -> list[str]:
+    """The fenced code blocks of ``language`` in docs/sinks.md."""
+    parts = DOC.read_text().split("```")
+    return [p.removeprefix(language + "\n") for p in parts[1::2] if p.startswith(language + "\n")]
+
+
+def test_doc_config_example_loads() -> None:
+    """The sink table in docs/sinks.md is valid TOML that load_sink accepts."""
+    table = tomllib.loads(doc_blocks("toml")[0])["sinks"]["audit"]
+    sink = load_sink("audit", table.pop("type"), table)
+    assert isinstance(sink, JsonlSink)
+    assert sink.keep == 10
+
+
+async def test_doc_example_sink_keeps_the_contract(tmp_path: Path) -> None:
+    """The example sink in docs/sinks.md and its example test both run."""
+    example, example_test = doc_blocks("python")
+    namespace: dict[str, object] = {"check_sink_contract": check_sink_contract}
+    exec(example, namespace)
+    exec(example_test, namespace)
+    test = namespace["test_counting_sink_keeps_the_contract"]
+    assert callable(test)
+    await test(tmp_path)
+    assert (tmp_path / "counts").read_text() == "3\n3\n"

@@ -199,7 +199,9 @@ async def test_hanging_sink_does_not_stall_others_and_is_cancelled(log: AnyLog) 
         await append(log, make_records(start, 10))
         await until_cursor(log, "fine", start + 9)
     assert hung.attempts == 1
-    took = [await r.finish() for r in running]
+    with capture_logs() as logs:
+        took = [await r.finish() for r in running]
+    assert ("hung", "sink_drain_timeout") in [(e["sink"], e["event"]) for e in logs]
     assert took[0] < 0.3 + 0.3 + 0.5
     assert log.cursor("hung") == 0
     assert seqs(fine.records) == list(range(1, 31))
@@ -276,3 +278,23 @@ def test_backoff_grows_with_jitter_and_honours_retry_after() -> None:
     assert backoff_delay(0, 0.5, 8.0, retry_after=20.0) == 20.0
     assert backoff_delay(0, 0.5, 8.0, retry_after=2000.0, retry_after_max=60.0) == 60.0
     assert backoff_delay(5000, 0.5, 8.0) <= 8.0
+
+
+class HangingClose(MemorySink):
+    """A sink whose close never returns."""
+
+    async def close(self) -> None:
+        """Hang."""
+        await asyncio.Event().wait()
+
+
+async def test_close_is_cut_off_at_its_deadline(log: AnyLog) -> None:
+    """A close() that never returns is abandoned after close_timeout, and logged."""
+    sink = HangingClose("stuck")
+    await append(log, make_records(1, 2))
+    running = Running(SinkRunner(sink, log, fast(close_timeout=0.2)))
+    await until_cursor(log, "stuck", 2)
+    with capture_logs() as logs:
+        took = await running.finish()
+    assert 0.2 <= took < 1.0
+    assert "sink_close_timeout" in [e["event"] for e in logs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -22,7 +23,7 @@ async def read_streams(url: str, keys: Sequence[str]) -> dict[str, Entries]:
     try:
         out = {}
         for key in keys:
-            entries = await client.xrange(key, "-", "+")
+            entries: Any = await client.xrange(key, "-", "+")
             out[key] = [(entry.decode(), fields) for entry, fields in entries]
         return out
     finally:
@@ -122,7 +123,7 @@ async def test_maxlen_trims_approximately(redis_server: Server) -> None:
         await sink.send(sent[-100:])
         client = redis.asyncio.Redis.from_url(redis_server.url)
         length = await client.xlen("layerwatch:web")
-        last = await client.xrevrange("layerwatch:web", count=1)
+        last: Any = await client.xrevrange("layerwatch:web", count=1)
         await client.aclose()
         assert 10 <= length < 2000
         last_web = [record for record in sent if record.mount == "web"][-1]

@@ -221,7 +221,7 @@ async def test_stop_drains_what_the_log_holds(log: AnyLog) -> None:
 async def test_batches_respect_size_and_linger(log: AnyLog) -> None:
     """Records that arrive within the linger are sent together, never above batch_size."""
     sink = MemorySink("lingerer")
-    running = Running(SinkRunner(sink, log, fast(batch_size=4, linger=0.3)))
+    running = Running(SinkRunner(sink, log, fast(batch_size=4, linger=0.5)))
     await append(log, make_records(1, 1))
     await asyncio.sleep(0.05)
     await append(log, make_records(2, 2))
@@ -298,3 +298,16 @@ async def test_close_is_cut_off_at_its_deadline(log: AnyLog) -> None:
         took = await running.finish()
     assert 0.2 <= took < 1.0
     assert "sink_close_timeout" in [e["event"] for e in logs]
+
+
+async def test_cancelled_runner_still_closes_its_sink(log: AnyLog) -> None:
+    """Cancelling run() (a TaskGroup tearing down) cancels the send and closes the sink."""
+    sink = FlakySink("cancelled", {"failures": -1, "mode": "hang"})
+    await append(log, make_records(1, 2))
+    running = Running(SinkRunner(sink, log, FAST))
+    await until(lambda: sink.attempts == 1)
+    running.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running.task
+    assert sink.closed
+    assert log.cursor("cancelled") == 0

@@ -20,7 +20,7 @@ from watcher.builtin_sinks import ExecSink, JsonlSink, StdoutSink
 from watcher.delivery import RunnerConfig, SinkRunner
 from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
 from watcher.events import Record
-from watcher.plugins import available_sinks, load_sink
+from watcher.plugins import Options, available_sinks, load_sink
 from watcher.sinks import Sink
 from watcher.testing import FlakySink, MemoryLog, MemorySink, check_sink_contract, make_records
 
@@ -418,3 +418,19 @@ async def test_doc_example_sink_keeps_the_contract(tmp_path: Path) -> None:
     assert callable(test)
     await test(tmp_path)
     assert (tmp_path / "counts").read_text() == "3\n3\n"
+
+
+def test_options_reader_types_and_names_keys() -> None:
+    """Options returns typed values and names sinks.NAME.OPTION for each kind of bad value."""
+    opts = Options("s", {"flag": True, "n": 3, "x": 1.5, "words": ["a"], "map": {"k": "v"}})
+    assert opts.boolean("flag") is True
+    assert opts.boolean("absent", False) is False
+    assert opts.integer("n", minimum=1) == 3
+    assert opts.number("x") == 1.5
+    assert opts.string_list("words") == ("a",)
+    assert opts.string_map("map") == {"k": "v"}
+    opts.finish()
+    for value, getter in [(1, "boolean"), (True, "integer"), (float("nan"), "number")]:
+        with pytest.raises(ConfigError) as info:
+            getattr(Options("s", {"o": value}), getter)("o")
+        assert info.value.key == "sinks.s.o"

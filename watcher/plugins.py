@@ -152,6 +152,13 @@ class Options:
             raise ConfigError(self.key(option), f"must be >= {minimum}, got {value!r}")
         return value
 
+    def boolean(self, option: str, default: object = _MISSING) -> bool:
+        """A boolean option (``true`` / ``false``; numbers and strings are refused)."""
+        value = self._get(option, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(option), f"expected true or false, got {value!r}")
+        return value
+
     def choice(self, option: str, choices: tuple[str, ...], default: object = _MISSING) -> str:
         """One of ``choices``."""
         value = self._get(option, default)

@@ -190,9 +190,9 @@ class Tracker:
     def _snapshot(self, reason: str) -> None:
         self._out.append(Control(SNAPSHOT_BEGIN, {"mount": self.mount, "reason": reason}))
         for path in sorted(self.kinds):
-            self._out.append(
-                Transition(path, self.kinds[path], None, Op.SNAPSHOT, self._lstat(path))
-            )
+            kind = self.kinds[path]
+            st = None if kind is Kind.DELETED else self._lstat(path)  # D carries no stat
+            self._out.append(Transition(path, kind, None, Op.SNAPSHOT, st))
         self._out.append(
             Control(SNAPSHOT_END, {"mount": self.mount, "reason": reason, "count": len(self.kinds)})
         )

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
-from watcher.errors import SinkRejected, SinkUnavailable
+from watcher.errors import SinkRejected, SinkUnavailable, SpoolError
 from watcher.events import CHANGE, Record
 from watcher.sinks import Health, Sink
 
@@ -379,8 +379,20 @@ class SinkRunner:
 
     async def _acknowledge(self, seq: int) -> None:
         # In a thread: a durable ack may wait for the producer's group commit (an fsync).
-        await asyncio.to_thread(self._spool.ack, self.sink.name, seq)
-        self._cursor = seq
+        # A failed ack (the spool's disk is full) is retried: the batch was delivered, and
+        # crashing here would take the whole service down with it; the drain deadline bounds
+        # the retries on stop.
+        delay = 0.1
+        while True:
+            try:
+                await asyncio.to_thread(self._spool.ack, self.sink.name, seq)
+            except SpoolError as exc:
+                self._log.warning("sink_ack_failed", seq=seq, error=str(exc), delay=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._cursor = seq
+            return
 
     async def _dead_letter(self, batch: Sequence[Record], exc: SinkRejected) -> None:
         ids = [r.id for r in batch]

@@ -221,6 +221,8 @@ class Service:
             info = find_mount(fs.mountpoint)
             if info is not None and info.fstype == "overlay" and info.overlay_dirs()[0] == fs.rw:
                 log.info("mount_adopted", mount=mount.name)  # left by a run that was killed
+                mounted_by_us = True  # still managed: unmounted at stop, like any other
+                stack.callback(fs.umount)
             elif info is not None:
                 raise MountError(
                     f"mounts: {mount.name}: {os.fsdecode(fs.mountpoint)} already has a "

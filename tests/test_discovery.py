@@ -93,9 +93,7 @@ def test_scan_recognises_a_docker_container(tmp_path: Path, mounts: list[Path]) 
     mount = found[0]
     assert mount.upper == os.fsencode(root / "overlay2" / LAYER / "diff")
     assert mount.work == os.fsencode(root / "overlay2" / LAYER / "work")
-    assert [os.path.realpath(p) for p in mount.lowers] == [
-        os.fsencode(root / "overlay2" / LOWER / "diff")
-    ]
+    assert mount.lowers == (os.fsencode(root / "overlay2" / LOWER / "diff"),)  # l/ resolved
     assert mount.labels == {
         "runtime": "docker",
         "layer_id": LAYER,
@@ -103,6 +101,20 @@ def test_scan_recognises_a_docker_container(tmp_path: Path, mounts: list[Path]) 
         "container_name": "web",
         "image": "busybox:latest",
     }
+
+
+def test_scan_leaves_out_docker_init_layers(tmp_path: Path, mounts: list[Path]) -> None:
+    """The `<id>-init` layer dockerd mounts while creating a container is not reported."""
+    root = _docker_root(tmp_path / "docker")
+    init = root / "overlay2" / f"{LAYER}-init"
+    for sub in ("diff", "work", "merged"):
+        (init / sub).mkdir(parents=True)
+    _mount(f"lowerdir=l/SHORTLOWER,upperdir={LAYER}-init/diff,workdir={LAYER}-init/work",
+           init / "merged", cwd=root / "overlay2")  # fmt: skip
+    mounts.append(init / "merged")
+    merged = _mount_docker(root, mounts)
+    found = MountSource(mountpoint_glob=f"{tmp_path}/*", docker_root=root).scan().values()
+    assert [m.mountpoint for m in found] == [os.fsencode(merged)]
 
 
 def test_scan_recognises_a_containerd_task(tmp_path: Path, mounts: list[Path]) -> None:

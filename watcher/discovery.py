@@ -9,7 +9,8 @@ Recognisers label what they know about each mount:
 
 - Docker ``overlay2``: mountpoint ``DATA_ROOT/overlay2/<layer>/merged``. The container is
   the one whose ``DATA_ROOT/image/overlay2/layerdb/mounts/<cid>/mount-id`` names the layer;
-  its name and image come from ``DATA_ROOT/containers/<cid>/config.v2.json``.
+  its name and image come from ``DATA_ROOT/containers/<cid>/config.v2.json``. The
+  ``<layer>-init`` mounts dockerd makes while creating a container are left out.
 - containerd: mountpoint ``STATE/io.containerd.runtime.v2.task/<namespace>/<id>/rootfs``
   (upper under ``.../snapshots/<n>/fs``); Kubernetes names come from the bundle's
   ``config.json`` annotations.
@@ -54,8 +55,8 @@ class Discovered:
 
     Attributes:
         mountpoint: The merged directory.
-        upper: The upper (writable) directory.
-        lowers: The lower layers, top first.
+        upper: The upper (writable) directory, symlinks resolved.
+        lowers: The lower layers, top first, symlinks resolved.
         work: The work directory, when mountinfo names one.
         labels: What the recogniser knows: ``runtime`` (``docker``, ``containerd`` or
             ``overlay``) and, where found, ``container_id``, ``container_name``, ``image``,
@@ -138,6 +139,9 @@ class MountSource:
                 continue
             if self._glob is not None and not fnmatch.fnmatchcase(info.mountpoint, self._glob):
                 continue
+            layer = self._docker_layer(info.mountpoint)
+            if layer is not None and layer.endswith(b"-init"):
+                continue  # dockerd mounts a container's init layer briefly while creating it
             known = self._known.get(info.mount_id)
             if known is not None and known.mountpoint == info.mountpoint:
                 found[info.mount_id] = known
@@ -216,21 +220,28 @@ class MountSource:
         except MountError:
             return None  # a read-only overlay: nothing is written, nothing to watch
         labels = self._docker_labels(info.mountpoint) or self._containerd_labels(info.mountpoint)
+        # Layer paths are resolved: Docker names lowers by short symlinks (overlay2/l/ID)
+        # to keep the mount options short; the kernel resolved them when it mounted.
         return Discovered(
             mountpoint=info.mountpoint,
-            upper=upper,
-            lowers=tuple(lowers),
-            work=work,
+            upper=os.path.realpath(upper),
+            lowers=tuple(os.path.realpath(p) for p in lowers),
+            work=os.path.realpath(work) if work is not None else None,
             labels=labels or {"runtime": "overlay"},
             mount_id=info.mount_id,
         )
 
-    def _docker_labels(self, mountpoint: bytes) -> dict[str, str] | None:
+    def _docker_layer(self, mountpoint: bytes) -> bytes | None:
+        """The overlay2 layer id of a Docker mount, or None when it is not one."""
         overlay2 = self._docker + b"/overlay2/"
         if not (mountpoint.startswith(overlay2) and mountpoint.endswith(b"/merged")):
             return None
         layer = mountpoint[len(overlay2) : -len(b"/merged")]
-        if b"/" in layer:
+        return None if b"/" in layer else layer
+
+    def _docker_labels(self, mountpoint: bytes) -> dict[str, str] | None:
+        layer = self._docker_layer(mountpoint)
+        if layer is None:
             return None
         labels = {"runtime": "docker", "layer_id": os.fsdecode(layer)}
         cid = self._docker_mounts.get(layer)

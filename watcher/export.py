@@ -144,8 +144,8 @@ class _Root:
     """A directory tree opened by descriptor; paths below it resolve without symlinks."""
 
     def __init__(self, path: bytes) -> None:
-        try:
-            self.fd = os.open(path, _PATH_FLAGS)
+        try:  # the root itself may be a symlink (Docker's overlay2/l/ links); nothing below
+            self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise LayerError(f"cannot open layer directory {path!r}: {exc.strerror}") from exc
         self._chain: list[tuple[bytes, int]] = []  # open ancestors of the last lookup

@@ -1,0 +1,218 @@
+"""compute() against a real Docker: `docker diff` on live containers, found by MountSource.
+
+A private dockerd (its own data root, exec root, pidfile and socket; no bridge, no iptables)
+runs for this module; an image is imported from a tar of busybox-static plus the conformance
+lower tree at /data. Each conformance case's operations run in a live container; the change
+list computed from the container's upper directory (found by MountSource from the mount
+table) must equal what `docker diff` prints, as a set.
+
+Needs root, overlayfs, `dockerd` and `docker` (Debian `docker.io`) and a static busybox
+(Debian `busybox-static`); skipped, saying which, when any is missing or dockerd cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import load_cases
+from overlay import build_lower, requires_overlay
+
+from watcher.changes import compute
+from watcher.discovery import Discovered, MountChange, MountEvent, MountSource
+
+CASES = load_cases()
+pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow]
+
+IMAGE = "layerwatch-test:busybox"
+TOOLS = ("sh", "echo", "rm", "mkdir", "chmod", "mv", "ln", "touch", "true", "sleep", "cat")
+
+
+@dataclass(frozen=True, slots=True)
+class Docker:
+    """A running private dockerd and how to talk to it."""
+
+    docker: str
+    env: dict[str, str]
+    data_root: Path
+
+    def run(self, *args: str, timeout: float = 60) -> str:
+        """Run a docker CLI command against this daemon; its stdout, or AssertionError."""
+        proc = subprocess.run(
+            [self.docker, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM dockerd (it stops its containerd and unmounts), SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _image_tar(root: Path) -> bytes:
+    """A rootfs tar: static busybox with its applets, and the conformance lower at /data."""
+    busybox = shutil.which("busybox")
+    assert busybox is not None
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    for tool in TOOLS:
+        (root / "bin" / tool).symlink_to("busybox")
+    for name in ("tmp", "etc", "proc", "sys", "dev"):
+        (root / name).mkdir()
+    build_lower(str(root), CASES["lower"])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(root, arcname=".")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def docker() -> Iterator[Docker]:
+    """A private dockerd for this module, stopped and cleaned up at the end."""
+    dockerd, client = shutil.which("dockerd"), shutil.which("docker")
+    if dockerd is None or client is None:
+        pytest.skip("dockerd/docker not installed (Debian docker.io): no Docker comparison")
+    if shutil.which("busybox") is None:
+        pytest.skip("busybox not installed (Debian busybox-static): no image to import")
+    # A short path: the daemon's unix sockets live under it (108-byte limit).
+    top = Path(tempfile.mkdtemp(prefix="lwd-", dir="/tmp"))
+    data_root = top / "data"
+    (top / "daemon.json").write_text("{}")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(top)}
+    env.update(DOCKER_HOST=f"unix://{top}/sock", DOCKER_CONFIG=str(top / "cli"))
+    argv = [
+        dockerd,
+        f"--config-file={top}/daemon.json",
+        f"--data-root={data_root}",
+        f"--exec-root={top}/exec",
+        f"--pidfile={top}/pid",
+        f"--host=unix://{top}/sock",
+        "--bridge=none",
+        "--iptables=false",
+        "--ip6tables=false",
+        "--storage-driver=overlay2",
+    ]
+    log = (top / "dockerd.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        daemon = Docker(client, env, data_root)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                daemon.run("version", timeout=10)
+                break
+            except (AssertionError, subprocess.TimeoutExpired):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (top / "dockerd.log").read_text(errors="replace")[-1500:]
+                    pytest.skip(f"dockerd did not start here: {tail}")
+                time.sleep(0.2)
+        subprocess.run(
+            [client, "import", "-", IMAGE],
+            input=_image_tar(top / "image"),
+            env=env,
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        yield daemon
+    finally:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            ids = Docker(client, env, data_root).run("ps", "-aq").split()
+            if ids:
+                Docker(client, env, data_root).run("rm", "-f", *ids)
+        _stop(proc)
+        log.close()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _container(docker: Docker, name: str) -> Iterator[str]:
+    """A running container (busybox sleeping); removed when the block exits."""
+    cid = docker.run(
+        "run", "-d", "--network=none", "--name", name, IMAGE, "/bin/sleep", "600"
+    ).strip()
+    try:
+        yield cid
+    finally:
+        docker.run("rm", "-f", cid)
+
+
+def _mount_of(docker: Docker, cid: str) -> Discovered:
+    """The container's overlay, found in the mount table by MountSource."""
+    source = MountSource(
+        mountpoint_glob=f"{docker.data_root}/overlay2/*/merged", docker_root=docker.data_root
+    )
+    found = [m for m in source.scan().values() if m.labels.get("container_id") == cid]
+    assert len(found) == 1, f"container {cid[:12]} not found in the mount table"
+    return found[0]
+
+
+def _docker_diff(docker: Docker, cid: str) -> set[str]:
+    return set(docker.run("diff", cid).splitlines())
+
+
+@pytest.mark.parametrize("case", CASES["cases"], ids=[c["name"] for c in CASES["cases"]])
+def test_compute_equals_docker_diff(docker: Docker, case: dict[str, Any]) -> None:
+    """On a live container, compute() on its upper prints exactly what `docker diff` prints."""
+    with _container(docker, f"lw-{case['name'].replace('_', '-')}") as cid:
+        docker.run("exec", "-w", "/", cid, "/bin/sh", "-c", case["ops"])
+        mount = _mount_of(docker, cid)
+        assert mount.labels["runtime"] == "docker"
+        got = {f"{c.kind.value} {os.fsdecode(c.path)}" for c in compute(mount.upper, mount.lowers)}
+        assert got == _docker_diff(docker, cid)
+
+
+async def test_mount_source_follows_container_start_and_stop(docker: Docker) -> None:
+    """A container started and stopped while MountSource runs appears and disappears, named."""
+    source = MountSource(
+        mountpoint_glob=f"{docker.data_root}/overlay2/*/merged",
+        docker_root=docker.data_root,
+        interval=60,  # the mount-table notification must do it, not the fallback rescan
+    )
+    async with contextlib.aclosing(source.changes()) as changes:
+        pending = asyncio.ensure_future(anext(changes))
+        await asyncio.sleep(0.1)
+        assert not pending.done()
+        run = ("run", "-d", "--network=none", "--name", "lw-follow", IMAGE, "/bin/sleep", "600")
+        cid = (await asyncio.to_thread(docker.run, *run)).strip()
+        try:
+            # dockerd may mount and unmount the layer while creating the container: wait
+            # for the mount that is up now that `run -d` has returned.
+            current = _mount_of(docker, cid)
+            seen = [await asyncio.wait_for(pending, 10)]
+            while seen[-1] != MountChange(MountEvent.APPEARED, current):
+                seen.append(await asyncio.wait_for(anext(changes), 10))
+        finally:
+            await asyncio.to_thread(docker.run, "rm", "-f", cid)
+        assert current.labels["container_id"] == cid
+        assert current.labels["container_name"] == "lw-follow"
+        assert current.labels["image"] == IMAGE
+        while seen[-1] != MountChange(MountEvent.DISAPPEARED, current):
+            seen.append(await asyncio.wait_for(anext(changes), 10))
+        assert not [c for c in seen if c.mount.labels["layer_id"].endswith("-init")]

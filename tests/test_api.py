@@ -109,6 +109,8 @@ async def running(
             if sock.exists():
                 break
             await asyncio.sleep(0.01)
+        if tcp:
+            await _wait_for_port(port)
         run = ApiRun(service, sock, merged, lower, rw, att_upper)
         if tcp:
             run.url, run.token = f"http://127.0.0.1:{port}", token
@@ -121,6 +123,19 @@ async def running(
         service.stop.set()
         async with asyncio.timeout(30):
             await task
+
+
+async def _wait_for_port(port: int) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.01)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
 
 
 def unix_session(run: ApiRun) -> aiohttp.ClientSession:

@@ -171,6 +171,10 @@ async def serve(service: Service, config: ApiConfig, *, limits: Limits | None = 
     api = _Api(service, limits or Limits())
     runners: list[web.AppRunner] = []
     socket_path: Path | None = None
+    if config.listen is not None:
+        host, port = parse_listen(config.listen, allow_remote=config.allow_remote)
+        if not config.token:
+            raise ConfigError("api.token", "is required when api.listen (TCP) is set")
     try:
         if config.socket is not None or config.listen is None:
             socket_path = config.socket or _DEFAULT_SOCKET
@@ -179,10 +183,7 @@ async def serve(service: Service, config: ApiConfig, *, limits: Limits | None = 
             runners.append(runner)
             await web.SockSite(runner, sock).start()
             log.info("api_listening", socket=str(socket_path))
-        if config.listen is not None:
-            host, port = parse_listen(config.listen, allow_remote=config.allow_remote)
-            if not config.token:
-                raise ConfigError("api.token", "is required when api.listen (TCP) is set")
+        if config.listen is not None and config.token:
             runner = await _start(api, config.token)
             runners.append(runner)
             try:
@@ -294,7 +295,7 @@ def _auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamRe
         if request.path == "/" and "token" in request.query and request.method == "GET":
             if not _same(request.query["token"], token):
                 _refuse(401, "wrong token")
-            response = web.HTTPSeeOther("/")
+            response = web.Response(status=303, headers={"Location": "/"})
             response.set_cookie(COOKIE, session, httponly=True, samesite="Strict", path="/")
             return response
         cookie = request.cookies.get(COOKIE)

@@ -177,6 +177,26 @@ class _Table:
             raise ConfigError(self.key(name), f"must be a duration like 30s or 7d, got {value!r}")
         return float(match.group(1)) * _UNITS[match.group(2) or "s"]
 
+    def positive_duration(self, name: str, default: float) -> float:
+        """A duration that must be more than zero (zero would spin or never wait)."""
+        value = self.duration(name, default)
+        assert value is not None
+        if value <= 0:
+            raise ConfigError(self.key(name), "must be more than zero")
+        return value
+
+    def strings(self, name: str) -> list[str] | None:
+        """An array of non-empty strings, or None when absent."""
+        values = self.get(name, list)
+        if values is None:
+            return None
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not value:
+                raise ConfigError(
+                    f"{self.key(name)}[{i}]", f"must be a non-empty string, got {value!r}"
+                )
+        return list(values)
+
     def done(self) -> None:
         unknown = sorted(set(self.raw) - self.used)
         if unknown:
@@ -248,11 +268,11 @@ def _sink(name: str, raw: object) -> SinkConfig:
         raise ConfigError(where, "sink names are 1-63 letters, digits, '.', '_' or '-'")
     type_ = t.require("type", str)
     flt = _Table(t.key("filter"), t.get("filter", dict, {}))
-    mounts = flt.get("mounts", list)
-    kinds = flt.get("kinds", list)
+    mounts = flt.strings("mounts")
+    kinds = flt.strings("kinds")
     if kinds is not None and not set(kinds) <= {"A", "C", "D"}:
         raise ConfigError(flt.key("kinds"), f"kinds are 'A', 'C', 'D', got {kinds!r}")
-    paths = flt.get("paths", list, [])
+    paths = flt.strings("paths") or []
     flt.done()
     batch_size = t.get("batch_size", int, 100)
     if batch_size < 1:
@@ -263,13 +283,22 @@ def _sink(name: str, raw: object) -> SinkConfig:
         options={k: v for k, v in t.raw.items() if k not in _RUNNER_KEYS},
         batch_size=batch_size,
         linger=t.duration("linger", None),
-        backoff_base=t.duration("backoff_base", 0.5) or 0.5,
-        backoff_cap=t.duration("backoff_cap", 30.0) or 30.0,
+        backoff_base=t.positive_duration("backoff_base", 0.5),
+        backoff_cap=t.positive_duration("backoff_cap", 30.0),
         dead_letter=t.path("dead_letter"),
         mounts=frozenset(mounts) if mounts is not None else None,
         kinds=frozenset(kinds) if kinds is not None else None,
         paths=tuple(str(p) for p in paths),
     )
+
+
+def _stream(service: _Table) -> str:
+    stream: str | None = service.get("stream", str)
+    if stream is None:
+        return socket.gethostname()
+    if not stream:
+        raise ConfigError(service.key("stream"), "must not be empty (it starts every event id)")
+    return stream
 
 
 def parse(data: Mapping[str, Any]) -> Config:
@@ -290,12 +319,18 @@ def parse(data: Mapping[str, Any]) -> Config:
         seen.add(mount.name)
     sinks_table = _Table("sinks", top.get("sinks", dict, {}))
     sinks = tuple(_sink(name, raw) for name, raw in sinks_table.raw.items())
+    for sink in sinks:
+        unknown = sorted((sink.mounts or frozenset()) - seen)
+        if unknown:
+            raise ConfigError(
+                f"sinks.{sink.name}.filter.mounts", f"{unknown[0]!r} is not a configured mount"
+            )
     spool_t = _Table("spool", top.get("spool", dict, {}))
     default = SpoolConfig()
     spool = SpoolConfig(
         path=spool_t.path("path") or default.path,
         max_bytes=spool_t.size("max_bytes", default.max_bytes),
-        max_age=spool_t.duration("max_age", default.max_age) or default.max_age,
+        max_age=spool_t.positive_duration("max_age", default.max_age),
     )
     spool_t.done()
     api = None
@@ -316,11 +351,11 @@ def parse(data: Mapping[str, Any]) -> Config:
         sinks=sinks,
         spool=spool,
         api=api,
-        stream=service.get("stream", str) or socket.gethostname(),
+        stream=_stream(service),
         log_level=service.get("log_level", str, "info"),
-        shutdown_timeout=service.duration("shutdown_timeout", 10.0) or 10.0,
-        rescan_interval=service.duration("rescan_interval", 2.0) or 2.0,
-        bookmark_interval=service.duration("bookmark_interval", 60.0) or 60.0,
+        shutdown_timeout=service.positive_duration("shutdown_timeout", 10.0),
+        rescan_interval=service.positive_duration("rescan_interval", 2.0),
+        bookmark_interval=service.positive_duration("bookmark_interval", 60.0),
     )
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("service.log_level", "must be debug, info, warning or error")

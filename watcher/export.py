@@ -43,7 +43,6 @@ _log = structlog.get_logger()
 _CAPABILITY = b"security.capability"
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_CHUNK = 1 << 20
 
 
 def export_diff(

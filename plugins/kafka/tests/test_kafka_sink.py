@@ -6,12 +6,23 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
-from kafkakit import EXTERNAL, MOUNTS, Broker, batches, build_records, deliver, free_port
+from kafkakit import (
+    EXTERNAL,
+    MOUNTS,
+    Broker,
+    batches,
+    build_records,
+    change_list_records,
+    deliver,
+    free_port,
+    readme_example,
+)
 from layerwatch_kafka import KafkaSink
 
 from watcher.errors import ConfigError, SinkUnavailable
@@ -213,3 +224,12 @@ async def test_idempotent_producer_delivers_once(broker: Broker) -> None:
     consumed = await read_topic(broker.bootstrap, broker.topic, len(sent))
     assert len(consumed) == len(sent)
     assert_complete_in_mount_order(consumed, sent)
+
+
+async def test_readme_consumer_rebuilds_the_change_lists(sink: KafkaSink, broker: Broker) -> None:
+    """The README's consumer example rebuilds every mount's change list, despite a re-sent batch."""
+    sent, expected = change_list_records()
+    await sink.send(sent[:7])
+    await sink.send(sent)
+    rebuild = readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
+    assert await rebuild(broker.bootstrap, broker.topic) == expected

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from watcher.changes import Kind, Op, Transition
 from watcher.errors import SinkUnavailable
@@ -101,6 +103,51 @@ def build_records(count: int, *, start: int = 1, mounts: Sequence[str] = MOUNTS)
             transition = Transition(path, Kind.ADDED, None, Op.CREATE, _stat(seq))
             records.append(encoder.change(seq, mount, transition, now=now + seq))
     return records
+
+
+def change_list_records() -> tuple[list[Record], dict[str, dict[bytes, str]]]:
+    """Events of three mounts (with a delete, an activity event, a snapshot and a non-UTF-8
+    name) and the change lists a consumer must rebuild from them."""
+    encoder = EventEncoder(stream="s", host="h")
+    records: list[Record] = []
+
+    def change(mount: str, path: bytes, kind: Kind | None, prev: Kind | None, op: Op) -> None:
+        seq = len(records) + 1
+        stat = _stat(seq) if kind is not None else None
+        transition = Transition(path, kind, prev, op, stat)
+        records.append(encoder.change(seq, mount, transition, now=1_700_000_000.0 + seq))
+
+    def control(mount: str, type_: str, data: dict[str, object]) -> None:
+        records.append(encoder.control(len(records) + 1, mount, type_, data, now=1.7e9))
+
+    change("web", b"/a", Kind.ADDED, None, Op.CREATE)
+    change("db.main", b"/x", Kind.ADDED, None, Op.CREATE)
+    change("web", b"/b", Kind.ADDED, None, Op.CREATE)
+    change("web", b"/a", Kind.ADDED, Kind.ADDED, Op.MODIFY)
+    change("web", b"/b", None, Kind.ADDED, Op.DELETE)
+    change("web", b"/etc", Kind.CHANGED, None, Op.CREATE)
+    control("db.main", SNAPSHOT_BEGIN, {"mount": "db.main", "reason": "overflow"})
+    change("db.main", b"/y", Kind.ADDED, None, Op.SNAPSHOT)
+    change("db.main", b"/z", Kind.CHANGED, None, Op.SNAPSHOT)
+    control("db.main", SNAPSHOT_END, {"mount": "db.main", "reason": "overflow", "count": 2})
+    change("caché", b"/bad\xff", Kind.ADDED, None, Op.CREATE)
+    change("caché", b"/etc/passwd", Kind.CHANGED, None, Op.MODIFY)
+    control("", BOOKMARK, {"head_seq": len(records)})
+    expected = {
+        "web": {b"/a": "A", b"/etc": "C"},
+        "db.main": {b"/y": "A", b"/z": "C"},
+        "caché": {b"/bad\xff": "A", b"/etc/passwd": "C"},
+    }
+    return records, expected
+
+
+def readme_example(readme: Path) -> dict[str, Any]:
+    """Execute the first ``python`` block of ``readme`` and return its namespace."""
+    match = re.search(r"```python\n(.*?)```", readme.read_text(encoding="utf-8"), re.DOTALL)
+    assert match is not None, f"no python example in {readme}"
+    namespace: dict[str, Any] = {}
+    exec(compile(match.group(1), str(readme), "exec"), namespace)
+    return namespace
 
 
 def batches(records: Sequence[Record], size: int) -> list[Sequence[Record]]:

@@ -6,12 +6,22 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats
 import orjson
 import pytest
 from layerwatch_nats import NatsSink, subject_token
-from natskit import MOUNTS, Server, batches, build_records, deliver, free_port
+from natskit import (
+    MOUNTS,
+    Server,
+    batches,
+    build_records,
+    change_list_records,
+    deliver,
+    free_port,
+    readme_example,
+)
 
 from watcher.errors import ConfigError, SinkUnavailable
 from watcher.events import Record
@@ -228,3 +238,14 @@ async def test_cluster_leader_killed_mid_stream_loses_nothing(nats_cluster: list
         assert_exactly_once_in_order(await read_stream(survivor.url), sent)
     finally:
         await sink.close()
+
+
+async def test_readme_consumer_rebuilds_the_change_lists(
+    sink: NatsSink, nats_server: Server
+) -> None:
+    """The README's consumer example rebuilds every mount's change list from the stream."""
+    sent, expected = change_list_records()
+    await sink.send(sent[:7])
+    await sink.send(sent)
+    rebuild = readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
+    assert await rebuild([nats_server.url]) == expected

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio
 from layerwatch_redis import RedisSink, entry_id
-from rediskit import MOUNTS, Server, batches, build_records, deliver, free_port
+from rediskit import (
+    MOUNTS,
+    Server,
+    batches,
+    build_records,
+    change_list_records,
+    deliver,
+    free_port,
+    readme_example,
+)
 
 from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
 from watcher.events import Record
@@ -187,3 +197,14 @@ async def test_server_killed_mid_stream_loses_and_doubles_nothing(
     await chaos_task
     assert failures >= 1, "the outage was not observed"
     await assert_exactly_once(sink, redis_server.url, sent)
+
+
+async def test_readme_consumer_rebuilds_the_change_lists(
+    sink: RedisSink, redis_server: Server
+) -> None:
+    """The README's consumer example rebuilds every mount's change list, despite a re-sent batch."""
+    sent, expected = change_list_records()
+    await sink.send(sent[:7])
+    await sink.send(sent)
+    rebuild = readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
+    assert await rebuild(redis_server.url) == expected

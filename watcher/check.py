@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from watcher import config as config_mod
+from watcher import log
 from watcher.config import Config, MountConfig
 from watcher.errors import ConfigError, LayerwatchError
 from watcher.events import BOOKMARK, CHANGE, GAP, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
@@ -480,6 +481,7 @@ def _human(n: int) -> str:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    log.configure(level="warning")  # stdout is the findings; logs go to stderr
     findings = check(args.config)
     if args.json:
         rows = [{"level": f.level, "what": f.what, "fix": f.fix} for f in findings]

@@ -161,8 +161,8 @@ async def wait_for(tools: DevTools, expression: str, ok: Callable[[Any], bool]) 
 TREE = """JSON.stringify(Object.fromEntries(
   Array.from(document.querySelectorAll('li[data-mount="m"]'))
        .map(li => [li.dataset.path, li.className])))"""
-FEED = "document.getElementById('feed').innerText"
-CONN = "document.getElementById('conn').textContent"
+FEED = "document.getElementById('feed')?.innerText ?? ''"
+CONN = "document.getElementById('conn')?.textContent"
 
 
 async def test_a_change_on_the_mount_appears_on_the_page(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+import structlog
 from overlay import requires_overlay
 from test_api import ApiRun, changes, running, unix_session
 
@@ -241,6 +242,11 @@ async def test_bad_bodies_and_parameters_get_json_4xx(tmp_path: Path) -> None:
 async def test_malformed_http_gets_4xx_without_traceback(tmp_path: Path) -> None:
     """Garbage request lines and huge headers get a 4xx and no traceback."""
     async with running(tmp_path) as run:
+        with structlog.testing.capture_logs() as logs:
+            status, _ = await raw_request(run, b"GET / HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n")
+        assert status == 400
+        assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["api_bad_request"]
+        assert "8190" in logs[-1]["error"]  # one line that says why, no traceback
         for request in (
             b"BLAH\r\n\r\n",
             b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n",

@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import io
 import ipaddress
+import logging
 import os
 import socket
 import stat
@@ -207,9 +208,31 @@ async def _start(api: _Api, token: str | None) -> web.AppRunner:
         handle_signals=False,
         access_log=None,
         shutdown_timeout=api.limits.shutdown_timeout,
+        logger=_ProtocolLog(),
     )
     await runner.setup()
     return runner
+
+
+class _ProtocolLog(logging.Logger):
+    """aiohttp's protocol logger: a malformed request becomes one structlog line, no traceback.
+
+    Handlers never get here (the ``_errors`` middleware answers every failure); what does is
+    a request aiohttp's parser refused (bad request line, header too long), already answered
+    with a 400. A client cannot fill the log with tracebacks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("layerwatch.api.http")
+
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        text = str(getattr(exc, "message", None) or exc).strip()
+        error = text.splitlines()[0][:200] if isinstance(exc, BaseException) and text else ""
+        log.warning("api_bad_request", error=error, type=type(exc).__name__)
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        """Dropped: aiohttp's debug chatter (non-HTTP traffic on the port)."""
 
 
 def build_app(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from overlay import Overlay, mount_overlay, requires_overlay
 
 CASES_FILE = Path(
@@ -28,6 +31,19 @@ def load_cases() -> dict[str, Any]:
         data: dict[str, Any] = json.load(fh)
     return data
 
+
+with warnings.catch_warnings(), contextlib.suppress(ImportError):
+    # Hypothesis imports libcst to write its failure patch; libcst's import warns about
+    # mypy_extensions.TypedDict, and warnings-as-errors would turn a failing example into an
+    # INTERNALERROR that hides it. Import it once here, quietly.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    importlib.import_module("libcst")
+
+settings.register_profile("default", max_examples=100, derandomize=True)
+settings.register_profile("explore", max_examples=1000, derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+"""Property tests are deterministic by default (CI must not flip on a new random draw);
+``HYPOTHESIS_PROFILE=explore`` searches wider with fresh randomness."""
 
 OverlayFactory = Callable[[Sequence[str]], Overlay]
 

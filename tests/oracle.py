@@ -82,7 +82,12 @@ def walk(root: bytes | str) -> Node:
         with os.scandir(path) as it:
             entries = list(it)
         for entry in entries:
-            child = _node(entry.path)
+            try:
+                child = _node(entry.path)
+            except FileNotFoundError:
+                # overlayfs lists a lower whiteout in a directory that is not merged with a
+                # layer below, but the name resolves to nothing: it is not an entry.
+                continue
             node.children[entry.name] = child
             if child.is_dir:
                 stack.append((entry.path, child))

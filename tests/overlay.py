@@ -111,6 +111,8 @@ class LayerEntry:
     data: bytes = b""
     mode: int = 0o644
     mtime: int = 1_700_000_000
+    capability: bytes | None = None
+    """Raw ``security.capability`` to set on a file."""
 
 
 def whiteout(path: bytes | str) -> None:
@@ -156,6 +158,8 @@ def build_layer(root: str, entries: Sequence[LayerEntry]) -> None:
             os.mknod(path, stat.S_IFCHR | entry.mode, os.makedev(1, 3))
         else:
             raise ValueError(f"unknown layer entry kind {entry.kind!r}")
+        if entry.capability is not None:
+            os.setxattr(path, b"security.capability", entry.capability, follow_symlinks=False)
         _set_mtime(path, entry.mtime)
     for path, mtime in sorted(dirs, key=lambda d: d[0].count(b"/"), reverse=True):
         _set_mtime(path, mtime)

@@ -6,6 +6,7 @@ The kit at the top (``ApiRun``, ``running``, ``unix_session``, ``read_sse``) is 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import io
@@ -403,20 +404,31 @@ async def test_websocket_stream_resumes_with_since(tmp_path: Path) -> None:
         assert [int(e["sequence"]) for e in rest] == list(range(6, head + 1))
 
 
-async def _stuck_reader(run: ApiRun) -> socket.socket:
+_WS_UPGRADE = (
+    b"GET /v1/events/ws?since=0 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def _stuck_reader(run: ApiRun, kind: str) -> socket.socket:
     """A client that asks for every event and never reads a byte of the answer."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(str(run.socket))
-    sock.sendall(b"GET /v1/events?since=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+    if kind == "ws":
+        sock.sendall(_WS_UPGRADE)
+    else:
+        sock.sendall(b"GET /v1/events?since=0 HTTP/1.1\r\nHost: x\r\n\r\n")
     return sock
 
 
-async def test_a_consumer_that_never_reads_is_cut_off(tmp_path: Path) -> None:
-    """A stuck consumer is dropped; the service and another consumer keep going."""
+@pytest.mark.parametrize("kind", ["sse", "ws"])
+async def test_a_consumer_that_never_reads_is_cut_off(tmp_path: Path, kind: str) -> None:
+    """A stuck consumer (SSE or WebSocket) is dropped; the service and another keep going."""
     limits = Limits(write_timeout=0.5, batch=50)
     async with running(tmp_path, limits=limits) as run, unix_session(run) as s:
-        stuck = await _stuck_reader(run)
+        stuck = _stuck_reader(run, kind)
         long = "n" * 200
         async with s.get("/v1/events?since=0") as live:
             for i in range(1500):
@@ -491,3 +503,14 @@ async def test_cli_client_status_diff_and_tail(
             await client.fetch_changes(server, None, "nope")
     with pytest.raises(client.ServerError, match="cannot reach"):
         await client.fetch_changes(server, None, "m")
+
+
+def test_client_commands_parse() -> None:
+    """add_client_commands adds status and tail with their options."""
+    parser = argparse.ArgumentParser(prog="layerwatch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    client.add_client_commands(sub)
+    args = parser.parse_args(["tail", "--since", "3", "--mount", "m", "--server", "/x.sock"])
+    assert (args.command, args.since, args.mount, args.server) == ("tail", 3, "m", "/x.sock")
+    args = parser.parse_args(["status", "--server", "http://127.0.0.1:1", "--token-file", "/t"])
+    assert (args.server, args.token_file) == ("http://127.0.0.1:1", "/t")

@@ -130,7 +130,7 @@ class Rules:
     def __init__(
         self, upper: bytes | str, lower: LowerStack, *, xattr_prefix: bytes = b"trusted.overlay."
     ) -> None:
-        self.upper = os.fsencode(upper).rstrip(b"/")
+        self.upper = os.path.realpath(os.fsencode(upper)).rstrip(b"/")
         self.lower = lower
         self.aufs = lower.whiteouts is Whiteouts.AUFS
         self._opaque_xattr = xattr_prefix + b"opaque"

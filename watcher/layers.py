@@ -106,7 +106,11 @@ class LowerStack:
         whiteouts: Whiteouts = Whiteouts.OVERLAY,
         xattr_prefix: bytes = b"trusted.overlay.",
     ) -> None:
-        self.layers: tuple[bytes, ...] = tuple(os.fsencode(layer).rstrip(b"/") for layer in lowers)
+        # Layer roots may be symlinks (Docker's overlay2/l/XXXX): resolve them once, so that
+        # every lookup below stays an lstat inside the real layer.
+        self.layers: tuple[bytes, ...] = tuple(
+            os.path.realpath(os.fsencode(layer)).rstrip(b"/") for layer in lowers
+        )
         for layer in self.layers:
             if not os.path.isdir(layer or b"/"):
                 raise LayerError(f"lower layer {os.fsdecode(layer)!r} is not a directory")

@@ -20,7 +20,8 @@ Options (``[sinks.NAME]`` with ``type = "kafka"``):
 - ``mode``: ``structured`` or ``binary`` (default ``structured``).
 - ``enable_idempotence``: the idempotent producer (default false; needs broker support).
 - ``request_timeout_ms``: how long the producer waits for a broker (default 30000).
-- ``linger_ms``: how long the producer gathers records into one request (default 5).
+- ``linger_ms``: how long the producer gathers records into one request (default 0: the
+  runner already hands over whole batches).
 - ``client_id``: default ``layerwatch-NAME``.
 """
 
@@ -106,7 +107,7 @@ class KafkaSink:
         self._topic = opts.string("topic", "layerwatch")
         self._binary = opts.choice("mode", ("structured", "binary"), "structured") == "binary"
         self._request_timeout_ms = opts.integer("request_timeout_ms", 30000, minimum=1)
-        self._linger_ms = opts.integer("linger_ms", 5, minimum=0)
+        self._linger_ms = opts.integer("linger_ms", 0, minimum=0)
         self._client_id = opts.string("client_id", f"layerwatch-{name}")
         opts.finish()
         self._producer: Any = None

@@ -282,6 +282,8 @@ class NatsSink:
         self._log.warning("nats_connection_error", error=repr(exc))
 
     async def _on_disconnected(self) -> None:
+        if self._nc is None:  # our own close()
+            return
         self._health = Health(ok=False, detail="disconnected")
         self._log.warning("nats_disconnected")
 

@@ -85,6 +85,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(pause=args.pause))
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    fs = _filesystem(args)
+    out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
+    try:
+        count = fs.tar(out) if args.rootfs else fs.export_diff(out)
+        out.flush()
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    print(f"layerwatch: wrote {count} entries", file=sys.stderr)
+    return 0
+
+
 def _managed(args: argparse.Namespace) -> Filesystem:
     driver = Driver(args.driver)
     return Filesystem(args.layer, args.rw, args.mountpoint, work=args.work, driver=driver)
@@ -147,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
         "diff": ("print the change list (what `docker diff` prints)", _cmd_diff),
         "watch": ("follow one mount: snapshot, then live events as JSON lines", _cmd_watch),
+        "export": ("write the change list as a layer tar, or the merged root", _cmd_export),
         "run": ("run the service from a TOML config", _cmd_run),
         "demo": ("mount a sample overlay, change it, show the events", _cmd_demo),
         "mount": ("mount a union filesystem", _cmd_mount),
@@ -159,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name].set_defaults(func=func)
     _add_view_args(parsers["diff"])
     parsers["diff"].add_argument("--json", action="store_true", help="a JSON array of changes")
+    _add_view_args(parsers["export"])
+    what = parsers["export"].add_mutually_exclusive_group()
+    what.add_argument("--diff", action="store_true", help="an OCI layer tar (default)")
+    what.add_argument("--rootfs", action="store_true", help="the merged root (needs a mountpoint)")
+    parsers["export"].add_argument("-o", "--output", default="-", help="file (default: stdout)")
     parsers["run"].add_argument("config", help="the TOML configuration file")
     _add_view_args(parsers["watch"])
     parsers["watch"].add_argument("--name", default="default", help="the mount's name in events")

@@ -360,6 +360,22 @@ class Filesystem:
             self.rw, self.layers, whiteouts=self.whiteouts, xattr_prefix=self.xattr_prefix
         )
 
+    def export_diff(self, out: BinaryIO) -> int:
+        """Write the change list as an OCI image layer tar (``.wh.`` whiteouts) to ``out``."""
+        from watcher.export import export_diff
+
+        return export_diff(
+            self.rw, self.layers, out, whiteouts=self.whiteouts, xattr_prefix=self.xattr_prefix
+        )
+
+    def tar(self, out: BinaryIO) -> int:
+        """Write the merged root filesystem as a tar to ``out`` (it must be mounted)."""
+        from watcher.export import export_rootfs
+
+        if not self.is_mounted():
+            raise MountError(f"{os.fsdecode(self.mountpoint)} is not mounted")
+        return export_rootfs(self.mountpoint, out)
+
     def reset(self) -> None:
         """Empty the writable branch; remount when it was mounted, so the union stays usable."""
         mounted = self.is_mounted()

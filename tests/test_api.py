@@ -23,6 +23,7 @@ import aiohttp
 import orjson
 import pytest
 from overlay import requires_overlay
+from yarl import URL
 
 from watcher import client
 from watcher.api import Limits, serve
@@ -234,7 +235,14 @@ async def test_changes_at_a_sequence_with_raw_names(tmp_path: Path) -> None:
             {"kind": "C", "path": "/data"},
             {"kind": "C", "path": "/data/old.txt"},
         ]
-        assert body["seq"] == run.service.spool.last_seq if run.service.spool else False
+        assert run.service.spool is not None
+        assert body["seq"] == run.service.spool.last_seq
+        (run.merged / os.fsdecode(b"caf\xe9/n\xffl")).write_bytes(b"raw name")
+        async with s.get(URL("/v1/mounts/m/files/caf%E9/n%FFl", encoded=True)) as resp:
+            assert resp.status == 200
+            assert await resp.read() == b"raw name"
+        async with s.get(URL("/v1/mounts/m/dirs/caf%E9", encoded=True)) as resp:
+            assert (await resp.json())["entries"][0]["name_b64"] == "bv9s"
 
 
 # -- sync and reset -------------------------------------------------------------------------

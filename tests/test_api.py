@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import orjson
 import pytest
 from overlay import requires_overlay
@@ -28,6 +29,7 @@ from yarl import URL
 from watcher import client
 from watcher.api import Limits, serve
 from watcher.changes import Kind
+from watcher.check import schema_for
 from watcher.config import ApiConfig, Config, MountConfig, SpoolConfig
 from watcher.service import Service
 
@@ -171,6 +173,12 @@ async def changes(session: aiohttp.ClientSession, mount: str = "m") -> dict[str,
         assert resp.status == 200, await resp.text()
         data: dict[str, Any] = await resp.json()
         return data
+
+
+def assert_schema(event: dict[str, Any]) -> None:
+    """``event`` validates against the envelope and its type's data schema."""
+    jsonschema.validate(event, schema_for("envelope"))
+    jsonschema.validate(event["data"], schema_for(event["type"]))
 
 
 def _tar(data: bytes) -> tarfile.TarFile:
@@ -345,6 +353,8 @@ async def test_sse_resume_with_last_event_id_is_exactly_once(tmp_path: Path) -> 
             rest = await read_sse(resp, lambda ev: ev and int(ev[-1][1]["sequence"]) >= head)
         assert _seqs(rest) == list(range(resume + 1, head + 1))
         assert [i for i, _ in rest] == _seqs(rest)
+        for _, event in first + rest:
+            assert_schema(event)
         paths = {e["data"].get("path") for _, e in rest}
         assert {f"/b{i}" for i in range(10)} <= paths
 
@@ -383,7 +393,10 @@ async def test_sse_lost_position_gets_resync_and_snapshot(tmp_path: Path) -> Non
             assert [i for i, _ in got] == [None, None, None, head]
             assert got[2][1]["data"]["path"] == "/kept"
             assert got[0][1]["data"]["reason"] == "retention"
-            assert len({e["id"] for _, e in got}) == 4
+            assert [e["id"] for _, e in got] == [f"test~snapshot@{head}:{i}" for i in (1, 2, 3, 4)]
+            assert {int(e["sequence"]) for _, e in got} == {head}
+            for _, event in got:
+                assert_schema(event)
             (run.merged / "after").write_text("x")
             live = await read_sse(resp, lambda ev: len(ev) >= 1)
         assert live[0][0] == head + 1

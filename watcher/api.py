@@ -739,28 +739,29 @@ class _Api:
     def _snapshot(self, since: int, mounts: frozenset[str] | None) -> tuple[list[_Frame], int]:
         """A resync and a snapshot of each mount, consistent at the head, for a lost position.
 
-        Every frame but the last carries ``since`` as its sequence (a client that drops out
-        half-way resumes from where it was and gets the whole snapshot again); the last one
-        carries the head. Event ids are ``STREAM:HEAD~snapshot/N``: the same snapshot gets the
-        same ids.
+        Every event carries the head ``H`` as its sequence (the list is the one at ``H``); only
+        the last frame carries a resume position (``H``), so a client that drops out half-way
+        resumes from where it was and gets the whole snapshot again. Event ids are
+        ``STREAM~snapshot@H:N``: the same snapshot gets the same ids, and they never collide
+        with the ids of the spool (``STREAM:SEQ``).
         """
         publisher = self.service.publisher
         assert publisher is not None
         head = publisher.head_seq
         items: list[tuple[str, Item]] = []
-        for name, state in self.service.mounts.items():
-            if mounts is None or name in mounts:
-                items.append((name, Control(RESYNC, {"mount": name, "reason": "retention"})))
-                items += [(name, item) for item in state.tracker.snapshot_items("retention")]
+        names = [n for n in self.service.mounts if mounts is None or n in mounts]
+        for name in names:
+            tracker = self.service.mounts[name].tracker
+            items.append((name, Control(RESYNC, {"mount": name, "reason": "retention"})))
+            items += [(name, item) for item in tracker.snapshot_items("retention")]
         self.snapshots += 1
-        log.info("api_stream_snapshot", since=since, head=head, mounts=len(items))
+        log.info("api_stream_snapshot", since=since, head=head, mounts=len(names))
+        stream = f"{self.service.config.stream}~snapshot@{head}"
         frames = []
         for i, (name, item) in enumerate(items, start=1):
-            seq = head if i == len(items) else since
-            record = self._encode(seq, name, item)
-            body = orjson.loads(record.body)
-            body["id"] = f"{self.service.config.stream}:{head}~snapshot/{i}"
-            frames.append(_Frame(seq if i == len(items) else None, orjson.dumps(body)))
+            body = orjson.loads(self._encode(head, name, item).body)
+            body["id"] = f"{stream}:{i}"
+            frames.append(_Frame(head if i == len(items) else None, orjson.dumps(body)))
         return frames, head
 
     def _encode(self, seq: int, mount: str, item: Item) -> Record:

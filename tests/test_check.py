@@ -15,6 +15,7 @@ from overlay import mount_overlay, requires_overlay, unmount
 
 from watcher import check as check_mod
 from watcher.check import Finding, add_check_command, check, exit_status, format_findings
+from watcher.inotify import Inotify
 from watcher.mounts import find_mount
 
 pytestmark = requires_overlay
@@ -212,21 +213,38 @@ def fake_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("max_user_watches", "max_user_instances", "max_queued_events"):
         (limits / name).write_text((real / name).read_text())
     monkeypatch.setattr(check_mod, "_PROC_SYS", limits)
+    # Pinned too: other processes of this uid add and drop watches while the test runs.
+    monkeypatch.setattr(check_mod, "_inotify_in_use", lambda uid: (IN_USE, 1))
     return limits
+
+
+IN_USE = 500
+
+
+def test_counts_watches_in_use(tmp_path: Path) -> None:
+    """The watches and instances a process holds are read from /proc (real inotify)."""
+    pid = str(os.getpid())
+    before = check_mod._inotify_of(pid)
+    with Inotify() as inotify:
+        for i in range(5):
+            (tmp_path / f"d{i}").mkdir()
+            inotify.add_watch(os.fsencode(tmp_path / f"d{i}"))
+        during = check_mod._inotify_of(pid)
+    assert (during[0] - before[0], during[1] - before[1]) == (5, 1)
+    assert check_mod._inotify_of(pid) == before
 
 
 def test_watch_limit_too_low_gives_the_sysctl_and_its_cost(setup: Setup, fake_limits: Path) -> None:
     """Too few free watches is an error with the sysctl line and its kernel memory cost."""
     for i in range(30):
         (setup.rw / f"d{i}").mkdir()
-    used, _ = check_mod._inotify_in_use(os.geteuid())
-    (fake_limits / "max_user_watches").write_text(f"{used + 10}\n")
+    (fake_limits / "max_user_watches").write_text(f"{IN_USE + 10}\n")
     found = only_error(check(setup.write()))
     assert "32 watch(es) needed" in found.what
     assert "sysctl -w fs.inotify.max_user_watches=" in found.fix
     assert "/etc/sysctl.d/" in found.fix
     assert "1 KB of kernel memory" in found.fix
-    (fake_limits / "max_user_watches").write_text(f"{used + 36}\n")
+    (fake_limits / "max_user_watches").write_text(f"{IN_USE + 36}\n")
     findings = check(setup.write())
     assert errors(findings) == []
     assert any(f.level == "warn" and "little room" in f.what for f in findings)

@@ -386,14 +386,23 @@ def _inotify_in_use(uid: int) -> tuple[int, int]:
     """Watches and instances held now by processes of ``uid`` (what the limits count)."""
     watches = instances = 0
     for pid in _pids_of(uid):
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
-                        continue
-                    instances += 1
-                    with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
-                        watches += sum(line.startswith("inotify wd:") for line in fh)
+        w, i = _inotify_of(pid)
+        watches += w
+        instances += i
+    return watches, instances
+
+
+def _inotify_of(pid: str) -> tuple[int, int]:
+    """Watches and instances held by one process (0, 0 when it is gone)."""
+    watches = instances = 0
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                    continue
+                instances += 1
+                with open(f"/proc/{pid}/fdinfo/{fd}") as fh:
+                    watches += sum(line.startswith("inotify wd:") for line in fh)
     return watches, instances
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import orjson
 
-from watcher import config, log
+from watcher import client, config, log
 from watcher.changes import Change
 from watcher.demo import run_demo
 from watcher.errors import LayerwatchError
@@ -53,6 +53,9 @@ def _filesystem(args: argparse.Namespace) -> Filesystem:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
+    if args.server is not None:
+        _write_changes(client.diff(args), args.json)
+        return 0
     _write_changes(_filesystem(args).changes(), args.json)
     return 0
 
@@ -171,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_, func) in commands.items():
         parsers[name] = sub.add_parser(name, help=help_, description=help_)
         parsers[name].set_defaults(func=func)
+    client.add_client_commands(sub)
     _add_view_args(parsers["diff"])
+    client.add_server_arguments(parsers["diff"])
     parsers["diff"].add_argument("--json", action="store_true", help="a JSON array of changes")
     _add_view_args(parsers["export"])
     what = parsers["export"].add_mutually_exclusive_group()

@@ -268,8 +268,6 @@ class Rules:
             st.st_size != b.st_size or not _mtime_equal(st.st_mtime_ns, b.st_mtime_ns)
         ):
             return True
-        if stat.S_ISLNK(st.st_mode):
-            return False  # symlinks carry no security.* xattrs
         return get_xattr(source, _CAPABILITY) != get_xattr(base.layer + path, _CAPABILITY)
 
     def walk(

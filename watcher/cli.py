@@ -12,6 +12,7 @@ import orjson
 
 from watcher import client, config, log
 from watcher.changes import Change
+from watcher.check import add_check_command
 from watcher.demo import run_demo
 from watcher.errors import LayerwatchError
 from watcher.events import path_fields
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Know what changed in a union filesystem, the instant it happens.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_check_command(sub)
     commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
         "diff": ("print the change list (what `docker diff` prints)", _cmd_diff),
         "watch": ("follow one mount: snapshot, then live events as JSON lines", _cmd_watch),

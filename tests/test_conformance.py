@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 from conftest import CASES_FILE, load_cases
 from oracle import changes_dirs, lines
-from overlay import build_lower, mount_base, mount_overlay, requires_overlay, run_ops, to_aufs
+from overlay import (
+    build_lower,
+    mount_base,
+    mount_overlay,
+    requires_overlay,
+    run_ops,
+    to_aufs,
+)
 
 from watcher.changes import Change, compute
 
@@ -63,3 +70,11 @@ def test_case_matches_docker(case: dict[str, Any], lower: str, tmp_path: Path) -
 def test_every_case_is_collected() -> None:
     """The cases file is present and non-empty, so a missing file cannot pass silently."""
     assert CASES["cases"], f"no conformance cases loaded (looked for {CASES_FILE})"
+
+
+def test_case_matches_docker_userxattr(case: dict[str, Any], lower: str, tmp_path: Path) -> None:
+    """With the ``userxattr`` mount option, opaque dirs read from ``user.overlay.*``."""
+    with mount_overlay(str(tmp_path), [lower], options="userxattr,metacopy=off,index=off") as ovl:
+        run_ops(ovl.merged, case["ops"])
+        got = compute(ovl.upper, [lower], xattr_prefix=b"user.overlay.")
+    assert _lines(got) == set(case["expect"])

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import changes_dirs
 from overlay import (
+    MOUNT_OPTIONS,
     LayerEntry,
     build_layer,
     mount_base,
@@ -220,8 +221,20 @@ def _as_pairs(changes: Sequence[Any]) -> list[tuple[bytes, str]]:
     return [(c.path, c.kind.value) for c in changes]
 
 
-def check(layers: list[list[LayerEntry]], steps: list[tuple[Any, ...]]) -> None:
-    """Build ``layers`` (top first), run ``steps`` on a mount, compare compute with the oracle."""
+def check(
+    layers: list[list[LayerEntry]],
+    steps: list[tuple[Any, ...]],
+    options: str = MOUNT_OPTIONS,
+    aufs: bool = True,
+) -> None:
+    """Build ``layers`` (top first), run ``steps`` on a mount, compare compute with the oracle.
+
+    Args:
+        layers: lower layers, top first.
+        steps: operations run through the merged root.
+        options: overlay mount options (after lowerdir, upperdir, workdir).
+        aufs: also compare after rewriting the branches into aufs format.
+    """
     with tempfile.TemporaryDirectory(prefix="lw-prop-") as tmp:
         lowers = []
         for i, entries in enumerate(layers):
@@ -229,7 +242,7 @@ def check(layers: list[list[LayerEntry]], steps: list[tuple[Any, ...]]) -> None:
             os.mkdir(path)
             build_layer(path, entries)
             lowers.append(path)
-        with mount_overlay(tmp, lowers) as ovl:
+        with mount_overlay(tmp, lowers, options=options) as ovl:
             merged = os.fsencode(ovl.merged)
             for step in steps:
                 apply(merged, step)
@@ -237,7 +250,7 @@ def check(layers: list[list[LayerEntry]], steps: list[tuple[Any, ...]]) -> None:
                 expected = changes_dirs(ovl.merged, base)
             live = _as_pairs(compute(ovl.upper, lowers))
         assert live == expected, "overlay whiteouts, upper read while mounted"
-        if _uses_wh(layers, steps):
+        if not aufs or _uses_wh(layers, steps):
             return
         to_aufs(ovl.upper, root_metadata=True)
         for path in lowers:
@@ -286,6 +299,15 @@ def test_three_lowers_match_oracle(
 ) -> None:
     """Over three layers holding whiteouts and opaque dirs, compute() equals the oracle."""
     check(*example)
+
+
+@PROPERTY
+@given(three_lowers())
+def test_redirect_and_metacopy_match_oracle(
+    example: tuple[list[list[LayerEntry]], list[tuple[Any, ...]]],
+) -> None:
+    """With redirect_dir=on and metacopy=on (renamed lower dirs, metadata-only copy-ups)."""
+    check(*example, options="redirect_dir=on,metacopy=on,index=off", aufs=False)
 
 
 def test_symlink_capability_is_compared() -> None:

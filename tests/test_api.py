@@ -223,11 +223,14 @@ async def test_healthz_metrics_and_mounts(tmp_path: Path) -> None:
 async def test_healthz_degraded_reports_reasons(tmp_path: Path) -> None:
     """/healthz answers 503 with the reasons when the service is degraded."""
     async with running(tmp_path) as run, unix_session(run) as s:
-        run.service.intake_error = "disk full (made up by the test)"
+        await run.service.sync()  # nothing pending: no commit can clear the error below
+        intake = run.service.intake
+        assert intake is not None
+        intake.error = "disk full (made up by the test)"
         async with s.get("/healthz") as resp:
             assert resp.status == 503
             body = await resp.json()
-        run.service.intake_error = None
+        intake.error = None
         assert body["status"] == "degraded"
         assert body["reasons"] == ["spool: disk full (made up by the test)"]
 

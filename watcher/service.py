@@ -13,19 +13,18 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
 
 import structlog
 
-from watcher.changes import Change, Kind
+from watcher.changes import Change
 from watcher.config import Config, MountConfig, SinkConfig
 from watcher.delivery import Filter, RunnerConfig, SinkRunner
-from watcher.errors import MountError, SpoolError
-from watcher.events import GAP, Record
+from watcher.errors import MountError
+from watcher.events import GAP
 from watcher.hub import Hub
 from watcher.inotify import Inotify
+from watcher.intake import Intake
 from watcher.layers import LowerStack
 from watcher.mounts import Driver, Filesystem, find_mount
 from watcher.plugins import load_sink
@@ -37,8 +36,6 @@ from watcher.watch import install_stop_signals
 __all__ = ["MountState", "Service", "filesystem_for"]
 
 log = structlog.get_logger("layerwatch.service")
-
-_APPEND_RETRY_CAP: Final = 5.0
 
 
 def filesystem_for(mount: MountConfig) -> Filesystem:
@@ -98,32 +95,7 @@ class Service:
         self.hub: Hub | None = None
         self.spool: Spool | None = None
         self.publisher: Publisher | None = None
-        self.intake_error: str | None = None
-
-    # -- the outlet: every record reaches the spool before any sink -------------------------
-
-    async def _append(
-        self, records: list[Record], lists: Mapping[str, Mapping[bytes, Kind | None]]
-    ) -> None:
-        """Append durably; on a spool failure, stop intake loudly and retry until it works."""
-        assert self.spool is not None
-        delay = 0.1
-        while True:
-            try:
-                await self.spool.append(records, lists=lists)
-            except SpoolError as exc:
-                if self.intake_error is None:
-                    log.error("intake_stopped", error=str(exc))
-                self.intake_error = str(exc)
-                if self.stop.is_set():
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _APPEND_RETRY_CAP)
-                continue
-            if self.intake_error is not None:
-                log.info("intake_resumed")
-                self.intake_error = None
-            return
+        self.intake: Intake | None = None
 
     # -- queries for the API ------------------------------------------------------------------
 
@@ -133,9 +105,11 @@ class Service:
         return self.mounts[mount].tracker.changes(), self.publisher.head_seq
 
     async def sync(self) -> None:
-        """Pass the sync barrier (every change made before the call is published)."""
+        """Pass the sync barrier: every change made before the call is published and durable."""
         assert self.hub is not None
+        assert self.intake is not None
         await self.hub.sync()
+        await self.intake.flush()
 
     def degraded(self) -> list[str]:
         """Why the service is not fully healthy (empty when it is)."""
@@ -144,8 +118,8 @@ class Service:
             for name, state in self.mounts.items()
             if state.tracker.degraded
         ]
-        if self.intake_error:
-            reasons.append(f"spool: {self.intake_error}")
+        if self.intake is not None and self.intake.error:
+            reasons.append(f"spool: {self.intake.error}")
         reasons += [
             f"sink {name}: {runner.health().detail}"
             for name, runner in self.runners.items()
@@ -168,8 +142,9 @@ class Service:
                 )
             )
             self.spool = spool
+            intake = self.intake = Intake(spool)
             self.publisher = Publisher(
-                self._append, first_seq=spool.last_seq + 1, stream=self.config.stream
+                intake.put, first_seq=spool.last_seq + 1, stream=self.config.stream
             )
             inotify = stack.enter_context(Inotify())
             hub = Hub(inotify, self.publisher.publish, rescan_interval=self.config.rescan_interval)
@@ -183,6 +158,7 @@ class Service:
                 )
             sink_stop = asyncio.Event()
             async with asyncio.TaskGroup() as group:
+                writer = group.create_task(intake.run(), name="intake")
                 reader = group.create_task(hub.run(), name="hub")
                 for name, runner in self.runners.items():
                     group.create_task(runner.run(sink_stop), name=f"sink-{name}")
@@ -200,8 +176,13 @@ class Service:
                 for task in (reader, ticker, api_task):
                     if task is not None:
                         task.cancel()
-                with contextlib.suppress(SpoolError):
-                    await self.publisher.bookmark()
+                await self.publisher.bookmark()
+                try:
+                    async with asyncio.timeout(self.config.shutdown_timeout):
+                        await intake.flush()
+                except TimeoutError:
+                    log.error("intake_flush_timeout", pending=intake.pending, error=intake.error)
+                writer.cancel()
                 sink_stop.set()
             log.info("service_stopped", head_seq=self.publisher.head_seq)
 

@@ -19,7 +19,16 @@ from typing import Any, Final
 from watcher.errors import ConfigError
 from watcher.layers import Whiteouts
 
-__all__ = ["ApiConfig", "Config", "MountConfig", "SinkConfig", "SpoolConfig", "load", "parse"]
+__all__ = [
+    "ApiConfig",
+    "Config",
+    "DiscoveryConfig",
+    "MountConfig",
+    "SinkConfig",
+    "SpoolConfig",
+    "load",
+    "parse",
+]
 
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _SIZE: Final = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -92,6 +101,17 @@ class ApiConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoveryConfig:
+    """Follow overlay mounts as they appear (containers), with their runtime's labels."""
+
+    mountpoint_glob: str | None = None
+    docker_root: Path = Path("/var/lib/docker")
+    containerd_state: Path = Path("/run/containerd")
+    mountinfo: Path = Path("/proc/self/mountinfo")
+    interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """The whole service configuration."""
 
@@ -99,6 +119,7 @@ class Config:
     sinks: tuple[SinkConfig, ...] = ()
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     api: ApiConfig | None = None
+    discovery: DiscoveryConfig | None = None
     stream: str = field(default_factory=socket.gethostname)
     log_level: str = "info"
     shutdown_timeout: float = 10.0
@@ -301,6 +322,20 @@ def _stream(service: _Table) -> str:
     return stream
 
 
+def _discovery(top: _Table) -> DiscoveryConfig:
+    t = _Table("discovery", top.get("discovery", dict))
+    default = DiscoveryConfig()
+    found = DiscoveryConfig(
+        mountpoint_glob=t.get("mountpoint_glob", str),
+        docker_root=t.path("docker_root") or default.docker_root,
+        containerd_state=t.path("containerd_state") or default.containerd_state,
+        mountinfo=t.path("mountinfo") or default.mountinfo,
+        interval=t.positive_duration("interval", default.interval),
+    )
+    t.done()
+    return found
+
+
 def parse(data: Mapping[str, Any]) -> Config:
     """Build a ``Config`` from a parsed TOML document.
 
@@ -308,9 +343,10 @@ def parse(data: Mapping[str, Any]) -> Config:
         ConfigError: naming the first key that is unknown, missing or bad.
     """
     top = _Table("", dict(data))
-    mounts_raw = top.require("mounts", list)
-    if not mounts_raw:
-        raise ConfigError("mounts", "at least one [[mounts]] table is required")
+    discovery = _discovery(top) if "discovery" in top.raw else None
+    mounts_raw = top.get("mounts", list, [])
+    if not mounts_raw and discovery is None:
+        raise ConfigError("mounts", "at least one [[mounts]] table (or [discovery]) is required")
     mounts = tuple(_mount(f"mounts[{i}]", raw) for i, raw in enumerate(mounts_raw))
     seen: set[str] = set()
     for i, mount in enumerate(mounts):
@@ -321,7 +357,7 @@ def parse(data: Mapping[str, Any]) -> Config:
     sinks = tuple(_sink(name, raw) for name, raw in sinks_table.raw.items())
     for sink in sinks:
         unknown = sorted((sink.mounts or frozenset()) - seen)
-        if unknown:
+        if unknown and discovery is None:  # discovered mounts are named at run time
             raise ConfigError(
                 f"sinks.{sink.name}.filter.mounts", f"{unknown[0]!r} is not a configured mount"
             )
@@ -351,6 +387,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         sinks=sinks,
         spool=spool,
         api=api,
+        discovery=discovery,
         stream=_stream(service),
         log_level=service.get("log_level", str, "info"),
         shutdown_timeout=service.positive_duration("shutdown_timeout", 10.0),

@@ -128,8 +128,19 @@ class EventEncoder:
             event["subject"] = subject_
         return orjson.dumps(event)
 
-    def change(self, seq: int, mount: str, transition: Transition, *, now: float) -> Record:
-        """Encode one change-list transition (or activity) as an ``io.layerwatch.change``."""
+    def change(
+        self,
+        seq: int,
+        mount: str,
+        transition: Transition,
+        *,
+        now: float,
+        labels: Mapping[str, str] | None = None,
+    ) -> Record:
+        """Encode one change-list transition (or activity) as an ``io.layerwatch.change``.
+
+        ``labels`` (a discovered mount's container id, name, ...) go into ``data.labels``.
+        """
         st = transition.stat
         data: dict[str, Any] = {
             "seq": seq,
@@ -149,11 +160,22 @@ class EventEncoder:
                 "mtime_ns": str(st.st_mtime_ns),
             },
         }
+        if labels:
+            data["labels"] = dict(labels)
         body = self._envelope(seq, CHANGE, subject(transition.path), data, now)
         return Record(seq, mount, CHANGE, body)
 
     def control(
-        self, seq: int, mount: str, type_: str, data: Mapping[str, Any], *, now: float
+        self,
+        seq: int,
+        mount: str,
+        type_: str,
+        data: Mapping[str, Any],
+        *,
+        now: float,
+        labels: Mapping[str, str] | None = None,
     ) -> Record:
         """Encode a control event (snapshot bounds, resync, bookmark, gap)."""
+        if labels:
+            data = {**data, "labels": dict(labels)}
         return Record(seq, mount, type_, self._envelope(seq, type_, None, data, now))

@@ -54,6 +54,8 @@ class Publisher:
         self._outlet = outlet
         self.next_seq = first_seq
         self.published = 0
+        self.labels: dict[str, dict[str, str]] = {}
+        """Per mount, labels added to each of its events (discovered containers)."""
 
     @property
     def head_seq(self) -> int:
@@ -63,14 +65,17 @@ class Publisher:
     def encode(self, mount: str, items: list[Item]) -> list[Record]:
         """Number and encode ``items`` of ``mount``."""
         now = time.time()
+        labels = self.labels.get(mount)
         records = []
         for item in items:
             seq = self.next_seq
             self.next_seq += 1
             if isinstance(item, Transition):
-                records.append(self.encoder.change(seq, mount, item, now=now))
+                records.append(self.encoder.change(seq, mount, item, now=now, labels=labels))
             else:
-                records.append(self.encoder.control(seq, mount, item.type, item.data, now=now))
+                records.append(
+                    self.encoder.control(seq, mount, item.type, item.data, now=now, labels=labels)
+                )
         return records
 
     async def publish(self, tracker: Tracker, items: list[Item]) -> None:

@@ -13,14 +13,17 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
 from watcher.changes import Change
-from watcher.config import Config, MountConfig, SinkConfig
+from watcher.config import Config, DiscoveryConfig, MountConfig, SinkConfig
 from watcher.delivery import Filter, RunnerConfig, SinkRunner
-from watcher.errors import MountError
+from watcher.discovery import Discovered, MountEvent, MountSource
+from watcher.errors import LayerwatchError, MountError
 from watcher.events import GAP
 from watcher.hub import Hub
 from watcher.inotify import Inotify
@@ -33,7 +36,7 @@ from watcher.spool import Spool
 from watcher.tracker import Tracker
 from watcher.watch import install_stop_signals
 
-__all__ = ["MountState", "Service", "filesystem_for"]
+__all__ = ["MountState", "Service", "discovered_name", "filesystem_for"]
 
 log = structlog.get_logger("layerwatch.service")
 
@@ -66,6 +69,16 @@ def filesystem_for(mount: MountConfig) -> Filesystem:
         )
     assert mount.mountpoint is not None
     return Filesystem.attach(mount.mountpoint)
+
+
+def discovered_name(found: Discovered) -> str:
+    """A discovered mount's name: ``docker-<container id[:12]>`` and the like, stable across
+    restarts (so its persisted list is found again), else ``overlay-<upper dir's inode>``."""
+    labels = found.labels
+    ident = labels.get("container_id") or labels.get("layer_id")
+    if ident:
+        return f"{labels.get('runtime', 'overlay')}-{ident[:12]}"
+    return f"overlay-{os.stat(found.upper).st_ino}"
 
 
 @dataclass(slots=True)
@@ -163,6 +176,11 @@ class Service:
                 for name, runner in self.runners.items():
                     group.create_task(runner.run(sink_stop), name=f"sink-{name}")
                 ticker = group.create_task(self._housekeeping(), name="housekeeping")
+                finder = None
+                if self.config.discovery is not None:
+                    finder = group.create_task(
+                        self._discover(self.config.discovery, hub, spool), name="discovery"
+                    )
                 api_task = await self._start_api(group)
                 log.info("service_started", mounts=len(self.mounts), sinks=len(self.runners))
                 self.started.set()
@@ -173,7 +191,7 @@ class Service:
                         await hub.sync()
                 except TimeoutError:
                     log.warning("final_sync_timeout")
-                for task in (reader, ticker, api_task):
+                for task in (reader, ticker, api_task, finder):
                     if task is not None:
                         task.cancel()
                 await self.publisher.bookmark()
@@ -213,6 +231,22 @@ class Service:
                 fs.mount()
                 mounted_by_us = True
                 stack.callback(fs.umount)
+        await self._follow(mount, fs, hub, spool, mounted_by_us=mounted_by_us)
+
+    async def _follow(
+        self,
+        mount: MountConfig,
+        fs: Filesystem,
+        hub: Hub,
+        spool: Spool,
+        *,
+        mounted_by_us: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start tracking a mount: its snapshot (or, after a restart, what changed) first."""
+        assert self.publisher is not None
+        if labels:
+            self.publisher.labels[mount.name] = dict(labels)
         lower = LowerStack(fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix)
         tracker = Tracker(mount.name, fs.rw, lower, hub, xattr_prefix=fs.xattr_prefix)
         persisted = spool.load_list(mount.name) if mount.name in spool.mounts() else None
@@ -224,7 +258,36 @@ class Service:
             entries=len(tracker.kinds),
             watches=tracker.watch_count,
             restart=persisted is not None,
+            **(labels or {}),
         )
+
+    async def _discover(self, discovery: DiscoveryConfig, hub: Hub, spool: Spool) -> None:
+        """Follow overlay mounts as they appear in the mount table; release them as they go."""
+        assert self.publisher is not None
+        source = MountSource(
+            mountpoint_glob=discovery.mountpoint_glob,
+            docker_root=discovery.docker_root,
+            containerd_state=discovery.containerd_state,
+            interval=discovery.interval,
+            mountinfo=str(discovery.mountinfo),
+        )
+        async with contextlib.aclosing(source.changes()) as changes:
+            async for change in changes:
+                found = change.mount
+                name = discovered_name(found)
+                if change.event is MountEvent.APPEARED and name not in self.mounts:
+                    mount = MountConfig(name=name, mountpoint=Path(os.fsdecode(found.mountpoint)))
+                    fs = Filesystem(found.lowers, found.upper, found.mountpoint, work=found.work)
+                    try:
+                        await self._follow(mount, fs, hub, spool, labels=found.labels)
+                    except (OSError, LayerwatchError) as exc:  # gone again before we looked
+                        log.warning("mount_follow_failed", mount=name, error=str(exc))
+                elif change.event is MountEvent.DISAPPEARED and name in self.mounts:
+                    await hub.detach(name)
+                    del self.mounts[name]
+                    self.publisher.labels.pop(name, None)
+                    await asyncio.to_thread(spool.drop_list, name)
+                    log.info("mount_released", mount=name, **found.labels)
 
     async def _housekeeping(self) -> None:
         """Bookmarks and retention, on their own clock."""

@@ -22,17 +22,20 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from conftest import load_cases
 from overlay import build_lower, requires_overlay
 
 from watcher.changes import compute
+from watcher.config import parse
 from watcher.discovery import Discovered, MountChange, MountEvent, MountSource
+from watcher.service import Service
 
 CASES = load_cases()
 pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow]
@@ -216,3 +219,60 @@ async def test_mount_source_follows_container_start_and_stop(docker: Docker) -> 
         while seen[-1] != MountChange(MountEvent.DISAPPEARED, current):
             seen.append(await asyncio.wait_for(anext(changes), 10))
         assert not [c for c in seen if c.mount.labels["layer_id"].endswith("-init")]
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Poll ``predicate`` until it holds (bounded by 15 s)."""
+    async with asyncio.timeout(15):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+async def test_service_follows_containers_live(docker: Docker, tmp_path: Path) -> None:
+    """The service picks containers up as they start, keeps each list equal to `docker diff`
+    live, names the container in every event, and releases containers that are removed."""
+    config = parse(
+        {
+            "discovery": {
+                "mountpoint_glob": f"{docker.data_root}/overlay2/*/merged",
+                "docker_root": str(docker.data_root),
+                "interval": "1s",
+            },
+            "spool": {"path": str(tmp_path / "spool.db")},
+            "sinks": {"file": {"type": "jsonl", "path": str(tmp_path / "events.jsonl")}},
+        }
+    )
+    service = Service(config)
+    task = asyncio.create_task(service.run(signals=False))
+    cases = [c for c in CASES["cases"] if c["expect"]][:6]
+    cids: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(service.started.wait(), 30)
+        for case in cases:
+            name = f"lw-live-{case['name'].replace('_', '-')}"
+            run = ("run", "-d", "--network=none", "--name", name, IMAGE, "/bin/sleep", "600")
+            cid = (await asyncio.to_thread(docker.run, *run)).strip()
+            cids[cid] = case["name"]
+            mount = f"docker-{cid[:12]}"
+            await _until(lambda mount=mount: mount in service.mounts)
+            ops = ("exec", "-w", "/", cid, "/bin/sh", "-c", case["ops"])
+            await asyncio.to_thread(docker.run, *ops)
+            async with asyncio.timeout(10):
+                await service.sync()
+            live = {f"{c.kind.value} {os.fsdecode(c.path)}" for c in service.changes(mount)[0]}
+            assert live == _docker_diff(docker, cid), case["name"]
+        gone = next(iter(cids))
+        await asyncio.to_thread(docker.run, "rm", "-f", gone)
+        await _until(lambda: f"docker-{gone[:12]}" not in service.mounts)
+    finally:
+        service.stop.set()
+        await asyncio.wait_for(task, 60)
+        for cid in list(cids)[1:]:
+            await asyncio.to_thread(docker.run, "rm", "-f", cid)
+    events = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+    changes = [e["data"] for e in events if e["type"] == "io.layerwatch.change"]
+    for cid in cids:
+        mine = [d for d in changes if d["mount"] == f"docker-{cid[:12]}"]
+        assert mine, f"no events for container {cids[cid]}"
+        assert all(d["labels"]["container_id"] == cid for d in mine)
+        assert all(d["labels"]["runtime"] == "docker" for d in mine)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
+import operator
 import os
 import shutil
 import signal
@@ -254,7 +256,7 @@ async def test_service_follows_containers_live(docker: Docker, tmp_path: Path) -
             cid = (await asyncio.to_thread(docker.run, *run)).strip()
             cids[cid] = case["name"]
             mount = f"docker-{cid[:12]}"
-            await _until(lambda mount=mount: mount in service.mounts)
+            await _until(functools.partial(operator.contains, service.mounts, mount))
             ops = ("exec", "-w", "/", cid, "/bin/sh", "-c", case["ops"])
             await asyncio.to_thread(docker.run, *ops)
             async with asyncio.timeout(10):

@@ -53,9 +53,9 @@ requires_overlay = pytest.mark.skipif(
 # Building trees
 
 
-def _set_mtime(path: bytes | str, seconds: int) -> None:
-    """Set atime and mtime to ``seconds`` with 0 ns, without following a symlink."""
-    ns = seconds * 1_000_000_000
+def _set_mtime(path: bytes | str, seconds: int, extra_ns: int = 0) -> None:
+    """Set atime and mtime to ``seconds`` plus ``extra_ns``, without following a symlink."""
+    ns = seconds * 1_000_000_000 + extra_ns
     os.utime(path, ns=(ns, ns), follow_symlinks=False)
 
 
@@ -103,7 +103,8 @@ class LayerEntry:
     """One entry of an image-like layer.
 
     ``kind`` is ``file``, ``dir``, ``symlink``, ``whiteout`` (char 0:0), ``opaque`` (a directory
-    with ``trusted.overlay.opaque=y``), ``fifo`` or ``chardev``. ``path`` is relative bytes.
+    with ``trusted.overlay.opaque=y``), ``fifo``, ``chardev`` or ``hardlink`` (``data`` is the
+    relative path of an earlier file of the same layer). ``path`` is relative bytes.
     """
 
     kind: str
@@ -111,6 +112,8 @@ class LayerEntry:
     data: bytes = b""
     mode: int = 0o644
     mtime: int = 1_700_000_000
+    mtime_extra_ns: int = 0
+    """Nanoseconds added to ``mtime`` (0: a whole second, as most image layers have)."""
     capability: bytes | None = None
     """Raw ``security.capability`` to set on a file."""
 
@@ -156,11 +159,14 @@ def build_layer(root: str, entries: Sequence[LayerEntry]) -> None:
             os.mkfifo(path, entry.mode)
         elif entry.kind == "chardev":
             os.mknod(path, stat.S_IFCHR | entry.mode, os.makedev(1, 3))
+        elif entry.kind == "hardlink":
+            os.link(os.path.join(broot, entry.data), path)
+            continue  # shares the target's inode: its times are the target's
         else:
             raise ValueError(f"unknown layer entry kind {entry.kind!r}")
         if entry.capability is not None:
             os.setxattr(path, b"security.capability", entry.capability, follow_symlinks=False)
-        _set_mtime(path, entry.mtime)
+        _set_mtime(path, entry.mtime, entry.mtime_extra_ns)
     for path, mtime in sorted(dirs, key=lambda d: d[0].count(b"/"), reverse=True):
         _set_mtime(path, mtime)
 

@@ -66,7 +66,7 @@ def _paths(with_wh: bool) -> list[bytes]:
     return out
 
 
-BOTTOM_KINDS = ("file", "file", "dir", "dir", "symlink", "fifo", "chardev", "capfile")
+BOTTOM_KINDS = ("file", "file", "dir", "dir", "symlink", "fifo", "chardev", "capfile", "hardlink")
 UPPER_LAYER_KINDS = (*BOTTOM_KINDS, "whiteout", "whiteout", "opaque")
 DATA = (b"", b"x", b"hello\n")
 
@@ -99,8 +99,13 @@ def layer(draw: st.DrawFn, paths: list[bytes], kinds: Sequence[str]) -> list[Lay
                     path,
                     data=draw(st.sampled_from(DATA)),
                     mode=draw(st.sampled_from((0o644, 0o755))),
+                    mtime_extra_ns=draw(st.sampled_from((0, 0, 500))),
                 )
             )
+        elif kind == "hardlink":
+            targets = [e.path for e in entries if e.kind == "file"]
+            if targets:
+                entries.append(LayerEntry("hardlink", path, data=draw(st.sampled_from(targets))))
         else:
             entries.append(
                 LayerEntry(kind, path, mode=0o755 if kind in ("dir", "opaque") else 0o644)

@@ -18,9 +18,7 @@ def configure(*, level: str = "info", json: bool = True) -> None:
         json: JSON lines when True; key=value console lines otherwise.
     """
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if json
-        else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
     structlog.configure(
         processors=[

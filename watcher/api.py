@@ -47,6 +47,7 @@ from watcher.errors import ConfigError, LayerwatchError, PathError, WatchError
 from watcher.events import RESYNC, Record, file_type, path_fields
 from watcher.export import export_diff, export_rootfs
 from watcher.inotify import read_limits
+from watcher.metrics import CONTENT_TYPE, Exposition
 from watcher.service import MountState, Service
 from watcher.tracker import Control, Item
 
@@ -449,56 +450,56 @@ class _Api:
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text exposition (version 0.0.4)."""
-        text = _Metrics()
+        text = Exposition()
         svc = self.service
         publisher, hub, spool = svc.publisher, svc.hub, svc.spool
         assert publisher is not None
         assert hub is not None
         assert spool is not None
-        text.add("events_published_total", "counter", "Events published to the spool.")
+        text.family("events_published_total", "counter", "Events published to the spool.")
         text.sample("events_published_total", publisher.published)
-        text.add("head_seq", "gauge", "The sequence number of the newest event.")
+        text.family("head_seq", "gauge", "The sequence number of the newest event.")
         text.sample("head_seq", publisher.head_seq)
-        text.add("spool_first_seq", "gauge", "The oldest sequence number the spool retains.")
+        text.family("spool_first_seq", "gauge", "The oldest sequence number the spool retains.")
         text.sample("spool_first_seq", spool.first_seq)
-        text.add("sink_lag", "gauge", "Events in the spool a sink has not acknowledged.")
-        text.add("sink_delivered_total", "counter", "Events a sink accepted.")
-        text.add("sink_up", "gauge", "1 when the sink is healthy.")
+        text.family("sink_lag", "gauge", "Events in the spool a sink has not acknowledged.")
+        text.family("sink_delivered_total", "counter", "Events a sink accepted.")
+        text.family("sink_up", "gauge", "1 when the sink is healthy.")
         for name, runner in svc.runners.items():
             text.sample("sink_lag", runner.lag, sink=name)
             text.sample("sink_delivered_total", runner.delivered, sink=name)
             text.sample("sink_up", int(runner.health().ok), sink=name)
-        text.add("inotify_watches", "gauge", "inotify watches held for all mounts.")
+        text.family("inotify_watches", "gauge", "inotify watches held for all mounts.")
         text.sample("inotify_watches", hub.watch_count)
         with contextlib.suppress(WatchError):
             limits = read_limits()
-            text.add("inotify_max_user_watches", "gauge", "fs.inotify.max_user_watches.")
+            text.family("inotify_max_user_watches", "gauge", "fs.inotify.max_user_watches.")
             text.sample("inotify_max_user_watches", limits.max_user_watches)
-            text.add("inotify_max_queued_events", "gauge", "fs.inotify.max_queued_events.")
+            text.family("inotify_max_queued_events", "gauge", "fs.inotify.max_queued_events.")
             text.sample("inotify_max_queued_events", limits.max_queued_events)
-        text.add("inotify_events_read_total", "counter", "inotify events read.")
+        text.family("inotify_events_read_total", "counter", "inotify events read.")
         text.sample("inotify_events_read_total", hub.events_read)
-        text.add("inotify_overflows_total", "counter", "inotify queue overflows (IN_Q_OVERFLOW).")
+        text.family(
+            "inotify_overflows_total", "counter", "inotify queue overflows (IN_Q_OVERFLOW)."
+        )
         text.sample("inotify_overflows_total", hub.overflows)
-        text.add("resyncs_total", "counter", "Resyncs announced, by reason.")
+        text.family("resyncs_total", "counter", "Resyncs announced, by reason.")
         text.sample("resyncs_total", hub.overflows * len(svc.mounts), reason="overflow")
         text.sample("resyncs_total", self.resets, reason="reset")
-        text.add("mount_entries", "gauge", "Entries in a mount's change list.")
-        text.add("mount_watches", "gauge", "inotify watches held for a mount.")
-        text.add("mount_degraded", "gauge", "1 when the mount is kept by periodic rescans.")
+        text.family("mount_entries", "gauge", "Entries in a mount's change list.")
+        text.family("mount_watches", "gauge", "inotify watches held for a mount.")
+        text.family("mount_degraded", "gauge", "1 when the mount is kept by periodic rescans.")
         for name, state in svc.mounts.items():
             text.sample("mount_entries", len(state.tracker.kinds), mount=name)
             text.sample("mount_watches", state.tracker.watch_count, mount=name)
             text.sample("mount_degraded", int(bool(state.tracker.degraded)), mount=name)
-        text.add("api_streams", "gauge", "Stream clients connected.")
+        text.family("api_streams", "gauge", "Stream clients connected.")
         text.sample("api_streams", len(self.streams))
-        text.add("api_streams_dropped_total", "counter", "Stream clients dropped as too slow.")
+        text.family("api_streams_dropped_total", "counter", "Stream clients dropped as too slow.")
         text.sample("api_streams_dropped_total", self.dropped)
-        text.add("api_snapshots_total", "counter", "Snapshots synthesized for stream clients.")
+        text.family("api_snapshots_total", "counter", "Snapshots synthesized for stream clients.")
         text.sample("api_snapshots_total", self.snapshots)
-        return web.Response(
-            body=text.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
-        )
+        return web.Response(body=text.render(), headers={"Content-Type": CONTENT_TYPE})
 
     # -- mounts ---------------------------------------------------------------------------------
 
@@ -919,28 +920,3 @@ class _PipeRaw(io.RawIOBase):
         if chunk:
             self._pipe._put(chunk)
         return len(chunk)
-
-
-class _Metrics:
-    """Prometheus text exposition, built line by line."""
-
-    def __init__(self) -> None:
-        self._lines: list[str] = []
-
-    def add(self, name: str, kind: str, help_: str) -> None:
-        self._lines.append(f"# HELP layerwatch_{name} {help_}")
-        self._lines.append(f"# TYPE layerwatch_{name} {kind}")
-
-    def sample(self, name: str, value: float, **labels: str) -> None:
-        if labels:
-            inner = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            self._lines.append(f"layerwatch_{name}{{{inner}}} {value}")
-        else:
-            self._lines.append(f"layerwatch_{name} {value}")
-
-    def render(self) -> bytes:
-        return ("\n".join(self._lines) + "\n").encode()
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

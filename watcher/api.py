@@ -250,22 +250,25 @@ def build_app(
         middlewares.append(_auth(token))
     app = web.Application(client_max_size=api.limits.max_body, middlewares=middlewares)
     app.on_shutdown.append(api.close_streams)
-    r = app.router
-    r.add_get("/", api.page)
-    r.add_static("/static/", _STATIC, follow_symlinks=False)
-    r.add_get("/healthz", api.healthz)
-    r.add_get("/metrics", api.metrics)
-    r.add_get("/v1/mounts", api.mounts)
-    r.add_get("/v1/mounts/{name}", api.mount)
-    r.add_get("/v1/mounts/{name}/changes", api.changes)
-    r.add_post("/v1/mounts/{name}/sync", api.sync)
-    r.add_post("/v1/mounts/{name}/reset", api.reset)
-    r.add_get("/v1/mounts/{name}/export", api.export)
-    r.add_get("/v1/mounts/{name}/files/{path:.*}", api.file)
-    r.add_get("/v1/mounts/{name}/dirs", api.directory)
-    r.add_get("/v1/mounts/{name}/dirs/{path:.*}", api.directory)
-    r.add_get("/v1/events", api.events_sse)
-    r.add_get("/v1/events/ws", api.events_ws)
+    app.add_routes(
+        [
+            web.get("/", api.page),
+            web.static("/static/", _STATIC, follow_symlinks=False),
+            web.get("/healthz", api.healthz),
+            web.get("/metrics", api.metrics),
+            web.get("/v1/mounts", api.mounts),
+            web.get("/v1/mounts/{name}", api.mount),
+            web.get("/v1/mounts/{name}/changes", api.changes),
+            web.post("/v1/mounts/{name}/sync", api.sync),
+            web.post("/v1/mounts/{name}/reset", api.reset),
+            web.get("/v1/mounts/{name}/export", api.export),
+            web.get("/v1/mounts/{name}/files/{path:.*}", api.file),
+            web.get("/v1/mounts/{name}/dirs", api.directory),
+            web.get("/v1/mounts/{name}/dirs/{path:.*}", api.directory),
+            web.get("/v1/events", api.events_sse),
+            web.get("/v1/events/ws", api.events_ws),
+        ]
+    )
     return app
 
 

@@ -6,14 +6,9 @@ every request needs the bearer token (compared in constant time) and a non-loopb
 is refused unless ``allow_remote``. Cancelling ``serve`` closes the listeners, ends the
 streams and removes the socket file.
 
-Streams (SSE at ``/v1/events``, WebSocket at ``/v1/events/ws``) read the spool, never the
-service's queues: a client replays from its position and then follows ``spool.wait``, so a
-slow client can only fall behind, never stall the service. Each client holds at most one
-batch of events plus the transport's buffer; a client that takes no data for
-``Limits.write_timeout`` seconds is dropped (``api_stream_dropped`` in the log, a WebSocket
-close with the reason) and may resume from its last id. A position older than the spool
-keeps (or newer than the head, after a spool was replaced) gets a synthesized resync and
-snapshot of the current list per mount, consistent at the head; see ``docs/api.md``.
+The streams (SSE at ``/v1/events``, WebSocket at ``/v1/events/ws``) are served by
+``watcher.streams.EventStream``: this module parses their position and mount filter and admits
+at most ``Limits.max_streams`` of them. Prometheus text is written by ``watcher.metrics``.
 """
 
 from __future__ import annotations
@@ -29,26 +24,25 @@ import os
 import socket
 import stat
 import threading
-import time
 import urllib.parse
-from asyncio import FIRST_COMPLETED
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
 import orjson
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from watcher.changes import Kind, Transition
+from watcher.changes import Kind
 from watcher.config import ApiConfig
 from watcher.errors import ConfigError, LayerwatchError, PathError, WatchError
-from watcher.events import RESYNC, Record, file_type, path_fields
+from watcher.events import RESYNC, file_type, path_fields
 from watcher.export import export_diff, export_rootfs
 from watcher.inotify import read_limits
 from watcher.metrics import CONTENT_TYPE, Exposition
 from watcher.service import MountState, Service
+from watcher.streams import EventStream
 from watcher.tracker import Control, Item
 
 __all__ = ["COOKIE", "Limits", "build_app", "parse_listen", "serve"]
@@ -338,25 +332,7 @@ def _auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamRe
     return auth
 
 
-# -- streams --------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Frame:
-    """One stream message: ``seq`` is the resume position after it (None: keep the last)."""
-
-    seq: int | None
-    body: bytes | None  # None: a heartbeat
-
-    def sse(self) -> bytes:
-        head = b"" if self.seq is None else b"id: %d\n" % self.seq
-        if self.body is None:
-            return b": keep-alive\n" + head + b"\n"
-        return head + b"data: " + self.body + b"\n\n"
-
-
-class _Dropped(Exception):
-    """A stream client took no data for too long."""
+# -- stream requests -----------------------------------------------------------------------
 
 
 def _since(request: web.Request, head: int) -> int:
@@ -377,10 +353,17 @@ class _Api:
     service: Service
     limits: Limits
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
-    closing: asyncio.Event = field(default_factory=asyncio.Event)
-    dropped: int = 0
     resets: int = 0
-    snapshots: int = 0
+    events: EventStream = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = EventStream(
+            self.service,
+            batch=self.limits.batch,
+            heartbeat=self.limits.heartbeat,
+            write_timeout=self.limits.write_timeout,
+            max_message=self.limits.max_body,
+        )
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -424,7 +407,7 @@ class _Api:
 
     async def close_streams(self, _app: web.Application) -> None:
         """``on_shutdown``: end every stream (cleanly, at a frame boundary)."""
-        self.closing.set()
+        self.events.close()
 
     @contextlib.contextmanager
     def _stream_slot(self) -> Iterator[None]:
@@ -499,9 +482,9 @@ class _Api:
         text.family("api_streams", "gauge", "Stream clients connected.")
         text.sample("api_streams", len(self.streams))
         text.family("api_streams_dropped_total", "counter", "Stream clients dropped as too slow.")
-        text.sample("api_streams_dropped_total", self.dropped)
+        text.sample("api_streams_dropped_total", self.events.dropped)
         text.family("api_snapshots_total", "counter", "Snapshots synthesized for stream clients.")
-        text.sample("api_snapshots_total", self.snapshots)
+        text.sample("api_snapshots_total", self.events.snapshots)
         return web.Response(body=text.render(), headers={"Content-Type": CONTENT_TYPE})
 
     # -- mounts ---------------------------------------------------------------------------------
@@ -700,174 +683,24 @@ class _Api:
                 _refuse(404, f"no mount named {name!r}")
         return frozenset(names) if names else None
 
-    async def _frames(
-        self, since: int, mounts: frozenset[str] | None
-    ) -> AsyncIterator[list[_Frame]]:
-        """The stream after ``since``: replay from the spool, then live; heartbeats when idle."""
-        spool = self.service.spool
-        assert spool is not None
-        cursor = since
-        if since < spool.first_seq - 1 or since > self._head:
-            frames, cursor = self._snapshot(since, mounts)
-            yield frames
-        sent = cursor
-        while not self.closing.is_set():
-            records = await asyncio.to_thread(spool.read, cursor, self.limits.batch)
-            if records:
-                cursor = records[-1].seq
-                batch = [
-                    _Frame(r.seq, r.body)
-                    for r in records
-                    if mounts is None or r.mount in mounts or r.mount == ""
-                ]
-                if batch:
-                    sent = cursor
-                    batch[-1].seq = cursor
-                    yield batch
-                continue
-            waiter = asyncio.ensure_future(spool.wait(cursor))
-            closer = asyncio.ensure_future(self.closing.wait())
-            try:
-                done, _ = await asyncio.wait(
-                    {waiter, closer}, timeout=self.limits.heartbeat, return_when=FIRST_COMPLETED
-                )
-            finally:
-                waiter.cancel()
-                closer.cancel()
-            if waiter in done:
-                waiter.result()  # SpoolError when the spool closed under us
-            elif not done:
-                yield [_Frame(cursor if cursor != sent else None, None)]
-                sent = cursor
-
-    def _snapshot(self, since: int, mounts: frozenset[str] | None) -> tuple[list[_Frame], int]:
-        """A resync and a snapshot of each mount, consistent at the head, for a lost position.
-
-        Every event carries the head ``H`` as its sequence (the list is the one at ``H``); only
-        the last frame carries a resume position (``H``), so a client that drops out half-way
-        resumes from where it was and gets the whole snapshot again. Event ids are
-        ``STREAM~snapshot@H:N``: the same snapshot gets the same ids, and they never collide
-        with the ids of the spool (``STREAM:SEQ``).
-        """
-        publisher = self.service.publisher
-        assert publisher is not None
-        head = publisher.head_seq
-        items: list[tuple[str, Item]] = []
-        names = [n for n in self.service.mounts if mounts is None or n in mounts]
-        for name in names:
-            tracker = self.service.mounts[name].tracker
-            items.append((name, Control(RESYNC, {"mount": name, "reason": "retention"})))
-            items += [(name, item) for item in tracker.snapshot_items("retention")]
-        self.snapshots += 1
-        log.info("api_stream_snapshot", since=since, head=head, mounts=len(names))
-        stream = f"{self.service.config.stream}~snapshot@{head}"
-        frames = []
-        for i, (name, item) in enumerate(items, start=1):
-            body = orjson.loads(self._encode(head, name, item).body)
-            body["id"] = f"{stream}:{i}"
-            frames.append(_Frame(head if i == len(items) else None, orjson.dumps(body)))
-        return frames, head
-
-    def _encode(self, seq: int, mount: str, item: Item) -> Record:
-        publisher = self.service.publisher
-        assert publisher is not None
-        if isinstance(item, Transition):
-            return publisher.encoder.change(seq, mount, item, now=time.time())
-        return publisher.encoder.control(seq, mount, item.type, item.data, now=time.time())
-
-    def _dropped(self, request: web.Request, kind: str, since: int) -> str:
-        self.dropped += 1
-        reason = (
-            f"slow consumer: took no data for {self.limits.write_timeout:g} s; "
-            "reconnect with your last event id to resume"
-        )
-        log.warning("api_stream_dropped", stream=kind, reason="slow_consumer", since=since)
-        return reason
-
     async def events_sse(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events; ``id:`` is the sequence, ``Last-Event-ID`` or ``since`` resumes."""
         since = _since(request, self._head)
         mounts = self._filter(request)
         with self._stream_slot():
-            resp = web.StreamResponse(
-                headers={
-                    "Content-Type": "text/event-stream",
-                    "Cache-Control": "no-cache",
-                    "X-Accel-Buffering": "no",
-                }
-            )
-            await resp.prepare(request)
-            await resp.write(b": layerwatch events\nretry: 1000\n\n")
-            try:
-                async for frames in self._frames(since, mounts):
-                    chunk = b"".join(frame.sse() for frame in frames)
-                    try:
-                        async with asyncio.timeout(self.limits.write_timeout):
-                            await resp.write(chunk)
-                    except TimeoutError:
-                        self._dropped(request, "sse", since)
-                        if request.transport is not None:
-                            request.transport.abort()
-                        return resp
-            except ConnectionError:
-                pass
-            return resp
+            return await self.events.sse(request, since, mounts)
 
     async def events_ws(self, request: web.Request) -> web.StreamResponse:
         """WebSocket: one CloudEvents JSON text message per event; ``?since=`` resumes."""
         since = _since(request, self._head)
         mounts = self._filter(request)
         with self._stream_slot():
-            ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=self.limits.max_body)
-            await ws.prepare(request)
-            sender = asyncio.create_task(self._ws_send(ws, since, mounts))
-            receiver = asyncio.create_task(_ws_drain(ws))
-            try:
-                await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (sender, receiver):
-                    task.cancel()
-                await asyncio.gather(sender, receiver, return_exceptions=True)
-            if (
-                sender.done()
-                and not sender.cancelled()
-                and isinstance(sender.exception(), _Dropped)
-            ):
-                reason = self._dropped(request, "ws", since)
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(0.5):
-                        await ws.close(code=1008, message=reason[:120].encode())
-                if not ws.closed and request.transport is not None:
-                    request.transport.abort()
-                return ws
-            with contextlib.suppress(Exception):
-                await ws.close()
-            return ws
-
-    async def _ws_send(
-        self, ws: web.WebSocketResponse, since: int, mounts: frozenset[str] | None
-    ) -> None:
-        async for frames in self._frames(since, mounts):
-            for frame in frames:
-                if frame.body is None:
-                    continue
-                try:
-                    async with asyncio.timeout(self.limits.write_timeout):
-                        await ws.send_str(frame.body.decode())
-                except TimeoutError:
-                    raise _Dropped from None
+            return await self.events.websocket(request, since, mounts)
 
 
 def _has_merged_view(state: MountState) -> bool:
     """Whether the mount's merged view can be read (mounted at its mountpoint)."""
     return os.path.isdir(state.fs.mountpoint) and state.fs.is_mounted()
-
-
-async def _ws_drain(ws: web.WebSocketResponse) -> None:
-    """Read (and ignore) what the client sends, so pings and the close handshake work."""
-    async for msg in ws:
-        if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
-            return
 
 
 class _Pipe:

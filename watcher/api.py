@@ -1,10 +1,10 @@
 """The HTTP API: health, metrics, mounts, change lists, live streams, sync, reset, export.
 
-The only aiohttp *server* module. ``serve(service, config)`` listens on a unix socket (mode
-0600, its directory created 0700 when missing) and, when ``listen`` is set, on TCP, where
-every request needs the bearer token (compared in constant time) and a non-loopback address
-is refused unless ``allow_remote``. Cancelling ``serve`` closes the listeners, ends the
-streams and removes the socket file.
+The aiohttp server: the app, its routes, authentication and errors. ``serve(service,
+config)`` listens on a unix socket (mode 0600, its directory created 0700 when missing) and,
+when ``listen`` is set, on TCP, where every request needs the bearer token (compared in
+constant time) and a non-loopback address is refused unless ``allow_remote``. Cancelling
+``serve`` closes the listeners, ends the streams and removes the socket file.
 
 The streams (SSE at ``/v1/events``, WebSocket at ``/v1/events/ws``) are served by
 ``watcher.streams.EventStream``: this module parses their position and mount filter and admits
@@ -23,7 +23,6 @@ import logging
 import os
 import socket
 import stat
-import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from watcher.events import RESYNC, file_type, path_fields
 from watcher.export import export_diff, export_rootfs
 from watcher.inotify import read_limits
 from watcher.metrics import CONTENT_TYPE, Exposition
+from watcher.pipe import Pipe
 from watcher.service import MountState, Service
 from watcher.streams import EventStream
 from watcher.tracker import Control, Item
@@ -642,7 +642,7 @@ class _Api:
 
         else:
             _refuse(400, "what must be 'diff' or 'rootfs'")
-        pipe = _Pipe(asyncio.get_running_loop())
+        pipe = Pipe(asyncio.get_running_loop())
         worker = asyncio.create_task(asyncio.to_thread(pipe.run, write))
         resp: web.StreamResponse | None = None
         try:
@@ -701,58 +701,3 @@ class _Api:
 def _has_merged_view(state: MountState) -> bool:
     """Whether the mount's merged view can be read (mounted at its mountpoint)."""
     return os.path.isdir(state.fs.mountpoint) and state.fs.is_mounted()
-
-
-class _Pipe:
-    """Bytes from a thread (the tar writer) to the loop, in bounded chunks (back-pressure)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, depth: int = 8) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(depth)
-        self._aborted = threading.Event()
-
-    def run(self, write: Callable[[io.BufferedWriter], object]) -> None:
-        """In the thread: run ``write`` on a buffered file that feeds the queue."""
-        raw: Any = _PipeRaw(self)
-        out = io.BufferedWriter(raw, buffer_size=_CHUNK)
-        try:
-            write(out)
-            out.flush()
-        finally:
-            with contextlib.suppress(Exception):
-                self._put(None)
-
-    def _put(self, item: bytes | None) -> None:
-        if self._aborted.is_set():
-            raise BrokenPipeError("the client went away")
-        future = asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop)
-        while True:
-            try:
-                future.result(timeout=0.5)
-                return
-            except TimeoutError:
-                if self._aborted.is_set():
-                    future.cancel()
-                    raise BrokenPipeError("the client went away") from None
-
-    async def get(self) -> bytes | None:
-        """The next chunk, or None at the end."""
-        return await self._queue.get()
-
-    def abort(self) -> None:
-        """Make the writer's next write fail."""
-        self._aborted.set()
-
-
-class _PipeRaw(io.RawIOBase):
-    def __init__(self, pipe: _Pipe) -> None:
-        self._pipe = pipe
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        chunk = bytes(data)
-        if chunk:
-            self._pipe._put(chunk)
-        return len(chunk)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import doctest
 import io
 import os
 import socket
@@ -17,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import aiohttp
@@ -26,7 +28,7 @@ import pytest
 from overlay import requires_overlay
 from yarl import URL
 
-from watcher import client
+from watcher import client, metrics, pipe
 from watcher.api import Limits, serve
 from watcher.changes import Kind
 from watcher.check import schema_for
@@ -538,3 +540,11 @@ def test_client_commands_parse() -> None:
     assert (args.command, args.since, args.mount, args.server) == ("tail", 3, "m", "/x.sock")
     args = parser.parse_args(["status", "--server", "http://127.0.0.1:1", "--token-file", "/t"])
     assert (args.server, args.token_file) == ("http://127.0.0.1:1", "/t")
+
+
+@pytest.mark.parametrize("module", [metrics, pipe], ids=["metrics", "pipe"])
+def test_module_examples_run_as_written(module: ModuleType) -> None:
+    """The docstring examples of the API's helper modules run and print what they show."""
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -71,14 +71,6 @@ def subject_token(mount: str) -> str:
     return "".join(out)
 
 
-def _flag(sink: str, table: dict[str, object], option: str, *, default: bool) -> bool:
-    """Pop the boolean ``option`` from ``table`` (``watcher.plugins.Options`` has no booleans)."""
-    value = table.pop(option, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"sinks.{sink}.{option}", f"expected true or false, got {value!r}")
-    return value
-
-
 class NatsSink:
     """Publishes events to a NATS JetStream stream, one subject per mount.
 
@@ -96,8 +88,8 @@ class NatsSink:
         servers = table.get("servers", ["nats://127.0.0.1:4222"])
         if isinstance(servers, str):
             table["servers"] = [servers]
-        self._ordered = _flag(name, table, "ordered", default=True)
         opts = Options(name, table)
+        self._ordered = opts.boolean("ordered", True)
         self._servers = list(opts.string_list("servers", ["nats://127.0.0.1:4222"]))
         self._stream = opts.string("stream", "LAYERWATCH")
         self._subjects = list(opts.string_list("subjects", ["layerwatch.>"]))

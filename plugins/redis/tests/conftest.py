@@ -7,13 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rediskit import Server, free_port
+from rediskit import RedisServer
+
+from watcher.testing import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Server]:
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis with an append-only file in a temp dir, fsynced on every write.
 
     ``appendfsync always`` makes an acknowledged write survive SIGKILL deterministically;
@@ -25,7 +27,5 @@ def redis_server(tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
     argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
-    server = Server(argv, port, tmp_path / "redis.log")
-    server.start()
-    yield server
-    server.stop()
+    with RedisServer(argv, port, tmp_path / "redis.log") as server:
+        yield server

@@ -2,99 +2,67 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio
 from layerwatch_redis import RedisSink, entry_id
-from rediskit import (
+from rediskit import RedisServer, check_streams
+
+from watcher.errors import SinkRejected, SinkUnavailable
+from watcher.testing import (
     MOUNTS,
-    Server,
     batches,
-    build_records,
-    change_list_records,
-    deliver,
+    check_option_error,
+    check_unreachable,
+    deliver_through_restart,
     free_port,
+    mixed_records,
+    opened,
     readme_example,
+    send_change_lists,
 )
-
-from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
-from watcher.events import Record
-
-Entries = list[tuple[str, dict[bytes, bytes]]]
-
-
-async def read_streams(url: str, keys: Sequence[str]) -> dict[str, Entries]:
-    """Every entry of each stream in ``keys``, as (entry id, fields)."""
-    client = redis.asyncio.Redis.from_url(url)
-    try:
-        out = {}
-        for key in keys:
-            entries: Any = await client.xrange(key, "-", "+")
-            out[key] = [(entry.decode(), fields) for entry, fields in entries]
-        return out
-    finally:
-        await client.aclose()
-
-
-async def assert_exactly_once(sink: RedisSink, url: str, sent: Sequence[Record]) -> None:
-    """Each mount's stream holds exactly its records, once, in seq order, with their fields."""
-    mounts = sorted({record.mount for record in sent})
-    streams = await read_streams(url, [sink.stream(mount) for mount in mounts])
-    for mount in mounts:
-        expected = [record for record in sent if record.mount == mount]
-        stored = streams[sink.stream(mount)]
-        assert [entry for entry, _ in stored] == [entry_id(r.seq) for r in expected]
-        for (_, fields), record in zip(stored, expected, strict=True):
-            assert fields == {
-                b"id": record.id.encode(),
-                b"type": record.type.encode(),
-                b"event": record.body,
-            }
 
 
 @pytest.fixture
-async def sink(redis_server: Server) -> AsyncIterator[RedisSink]:
+async def sink(redis_server: RedisServer) -> AsyncIterator[RedisSink]:
     """An opened sink on the server, with short timeouts."""
-    sink = RedisSink("r", {"url": redis_server.url, "timeout": 2.0})
-    await sink.open()
-    yield sink
-    await sink.close()
+    async with opened(RedisSink("r", {"url": redis_server.url, "timeout": 2.0})) as sink:
+        yield sink
 
 
 async def test_stream_arrives_complete_and_in_order_per_mount(
-    sink: RedisSink, redis_server: Server
+    sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """A stream of batches lands whole, one Redis stream per mount, ids from the sequence."""
-    sent = build_records(600)
+    sent = mixed_records(600)
     for batch in batches(sent, 64):
         await sink.send(batch)
-    await assert_exactly_once(sink, redis_server.url, sent)
+    await check_streams(sink, redis_server.url, sent)
     assert sink.stream("db.main") == "layerwatch:db.main"
     assert sink.stream("") == "layerwatch:_service"
     assert sink.health().ok
 
 
 async def test_retried_and_half_written_batches_are_not_doubled(
-    sink: RedisSink, redis_server: Server
+    sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """A batch sent again, or after a prefix of it landed, adds only what was missing."""
-    sent = build_records(200)
+    sent = mixed_records(200)
     await sink.send(sent[:70])
     await sink.send(sent)
     await sink.send(sent)
     await sink.send(sent[100:120])
-    await assert_exactly_once(sink, redis_server.url, sent)
+    await check_streams(sink, redis_server.url, sent)
 
 
 async def test_out_of_memory_writes_nothing_then_retry_writes_all(
-    sink: RedisSink, redis_server: Server
+    sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """A batch refused for memory writes no record of it; the retry after recovery writes all."""
-    sent = build_records(120)
+    sent = mixed_records(120)
     await sink.send(sent[:30])
     admin = redis.asyncio.Redis.from_url(redis_server.url)
     try:
@@ -109,47 +77,39 @@ async def test_out_of_memory_writes_nothing_then_retry_writes_all(
     finally:
         await admin.aclose()
     await sink.send(sent[30:])
-    await assert_exactly_once(sink, redis_server.url, sent)
+    await check_streams(sink, redis_server.url, sent)
     assert sink.health().ok
 
 
-async def test_wrong_key_type_is_rejected(sink: RedisSink, redis_server: Server) -> None:
+async def test_wrong_key_type_is_rejected(sink: RedisSink, redis_server: RedisServer) -> None:
     """A stream key holding a string is a permanent refusal (SinkRejected)."""
     admin = redis.asyncio.Redis.from_url(redis_server.url)
     await admin.set("layerwatch:web", "not a stream")
     await admin.aclose()
     with pytest.raises(SinkRejected, match="layerwatch:web"):
-        await sink.send(build_records(10))
+        await sink.send(mixed_records(10))
 
 
-async def test_maxlen_trims_approximately(redis_server: Server) -> None:
+async def test_maxlen_trims_approximately(redis_server: RedisServer) -> None:
     """maxlen trims each stream to about that many entries, and retries still dedupe."""
-    sink = RedisSink("r", {"url": redis_server.url, "maxlen": 10})
-    await sink.open()
-    try:
-        sent = build_records(3000, mounts=("web",))
+    async with opened(RedisSink("r", {"url": redis_server.url, "maxlen": 10})) as sink:
+        sent = mixed_records(3000, mounts=("web",))
         for batch in batches(sent, 100):
             await sink.send(batch)
         await sink.send(sent[-100:])
-        client = redis.asyncio.Redis.from_url(redis_server.url)
-        length = await client.xlen("layerwatch:web")
-        last: Any = await client.xrevrange("layerwatch:web", count=1)
-        await client.aclose()
-        assert 10 <= length < 2000
-        last_web = [record for record in sent if record.mount == "web"][-1]
-        assert last[0][0].decode() == entry_id(last_web.seq)
-    finally:
-        await sink.close()
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    length = await client.xlen("layerwatch:web")
+    last: Any = await client.xrevrange("layerwatch:web", count=1)
+    await client.aclose()
+    assert 10 <= length < 2000
+    last_web = [record for record in sent if record.mount == "web"][-1]
+    assert last[0][0].decode() == entry_id(last_web.seq)
 
 
 async def test_unreachable_server_is_unavailable() -> None:
-    """open() against a port nobody listens on raises SinkUnavailable and reports unhealthy."""
-    sink = RedisSink("r", {"url": f"redis://127.0.0.1:{free_port()}/0", "timeout": 1})
-    with pytest.raises(SinkUnavailable):
-        await sink.open()
-    assert not sink.health().ok
-    with pytest.raises(SinkUnavailable):
-        await sink.send(build_records(1))
+    """open() and send() against a port nobody listens on raise SinkUnavailable; unhealthy."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    await check_unreachable(RedisSink("r", {"url": url, "timeout": 1}))
 
 
 @pytest.mark.parametrize(
@@ -164,9 +124,7 @@ async def test_unreachable_server_is_unavailable() -> None:
 )
 def test_bad_options_name_the_key(options: dict[str, object], key: str) -> None:
     """A bad or unknown option is a ConfigError naming sinks.NAME.OPTION."""
-    with pytest.raises(ConfigError) as info:
-        RedisSink("r", options)
-    assert info.value.key == key
+    check_option_error(RedisSink, "r", options, key)
 
 
 def test_entry_ids_grow_with_the_sequence() -> None:
@@ -175,36 +133,18 @@ def test_entry_ids_grow_with_the_sequence() -> None:
 
 
 async def test_server_killed_mid_stream_loses_and_doubles_nothing(
-    sink: RedisSink, redis_server: Server
+    sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """SIGKILL and restart of the server mid-stream: retries store every record exactly once."""
-    sent = build_records(1000)
-    progress = asyncio.Event()
-    failed = asyncio.Event()
-    failures = 0
-
-    async def chaos() -> None:
-        await progress.wait()
-        redis_server.kill()
-        await failed.wait()
-        await asyncio.to_thread(redis_server.start)
-
-    chaos_task = asyncio.create_task(chaos())
-    for index, batch in enumerate(batches(sent, 25)):
-        if index == 10:
-            progress.set()
-        failures += await deliver(sink, batch, on_failure=failed.set)
-    await chaos_task
-    assert failures >= 1, "the outage was not observed"
-    await assert_exactly_once(sink, redis_server.url, sent)
+    sent = mixed_records(1000)
+    assert await deliver_through_restart(sink, redis_server, sent) >= 1, "outage not observed"
+    await check_streams(sink, redis_server.url, sent)
 
 
 async def test_readme_consumer_rebuilds_the_change_lists(
-    sink: RedisSink, redis_server: Server
+    sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """The README's consumer example rebuilds every mount's change list, despite a re-sent batch."""
-    sent, expected = change_list_records()
-    await sink.send(sent[:7])
-    await sink.send(sent)
+    expected = await send_change_lists(sink)
     rebuild = readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
     assert await rebuild(redis_server.url) == expected

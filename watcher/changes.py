@@ -10,7 +10,7 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from watcher.errors import LayerError
 from watcher.layers import (
@@ -52,9 +52,11 @@ class Op(enum.StrEnum):
     SNAPSHOT = "snapshot"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Change:
-    """One entry of the change list: ``kind`` at ``path`` (absolute inside the root, bytes)."""
+class Change(NamedTuple):
+    """One entry of the change list: ``kind`` at ``path`` (absolute inside the root, bytes).
+
+    A named tuple: lists of them are built by the hundred thousand, and they sort by path.
+    """
 
     path: bytes
     kind: Kind
@@ -92,21 +94,24 @@ class DirState:
     in_upper: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Child:
+class Child(NamedTuple):
     """One name of a scanned directory, classified by its own rights (rules 1 to 7, 9).
 
     Attributes:
         path: the child's path.
         kind: its own kind, before rule 8 (ancestors) is applied.
         dir: how to scan it when the merged view has a directory there; None otherwise.
-        st: its ``lstat`` in the merged view; None when it is not there.
+        st: its ``lstat`` in the merged view; None when it is not there, and also for
+            added entries that a scan classified without one (``lstat`` it when needed).
+        ino: the inode number of U's entry (0 when U has none), for telling a directory
+            that was replaced from the one that was there.
     """
 
     path: bytes
     kind: Kind | None
     dir: DirState | None
     st: os.stat_result | None
+    ino: int = 0
 
 
 def _mtime_equal(a: int, b: int) -> bool:
@@ -147,7 +152,9 @@ class Rules:
         Raises:
             FileNotFoundError, NotADirectoryError: U no longer has the directory.
         """
-        present: dict[bytes, os.stat_result] = {}
+        if state.base is None and state.origin is None:
+            return self._scan_added(path)
+        present: dict[bytes, tuple[os.stat_result, int]] = {}
         whiteouts: set[bytes] = set()
         if state.in_upper:
             with os.scandir(self.upper + path) as it:
@@ -161,17 +168,43 @@ class Rules:
                     if not self.aufs and is_overlay_whiteout(st):
                         whiteouts.add(name)
                     else:
-                        present[name] = st
+                        present[name] = (st, dirent.inode())
         names = present.keys() | whiteouts
         if state.origin != path:
             if state.origin is not None:
                 names |= set(self.lower.names(state.origin))
             if state.base is not None:
                 names |= set(self.lower.names(path))
-        return [
-            self._classify(path, state, name, present.get(name), name in whiteouts)
-            for name in names
-        ]
+        children = []
+        for name in names:
+            entry = present.get(name)
+            if entry is None:
+                children.append(self._classify(path, state, name, None, 0, name in whiteouts))
+            else:
+                children.append(self._classify(path, state, name, *entry, False))
+        return children
+
+    def _scan_added(self, path: bytes) -> list[Child]:
+        """A directory with nothing of B below it: every entry is ``A``, none needs a stat
+        (but a possible overlay whiteout, a char device, which is skipped)."""
+        children = []
+        with os.scandir(self.upper + path) as it:
+            for dirent in it:
+                name = dirent.name
+                if self.aufs and name.startswith(AUFS_WH):
+                    continue
+                if not self.aufs and not (
+                    dirent.is_file(follow_symlinks=False) or dirent.is_dir(follow_symlinks=False)
+                ):
+                    st = dirent.stat(follow_symlinks=False)
+                    if is_overlay_whiteout(st):
+                        continue
+                child = child_path(path, name)
+                state = None
+                if dirent.is_dir(follow_symlinks=False):
+                    state = DirState(None, self._redirect(self.upper + child, None), True)
+                children.append(Child(child, Kind.ADDED, state, None, dirent.inode()))
+        return children
 
     def child(self, parent: bytes, state: DirState, name: bytes) -> Child:
         """Classify one name of directory ``parent`` from a fresh look at U (for hints)."""
@@ -189,7 +222,7 @@ class Rules:
                 st, whiteout = None, True
             elif st is None and self.aufs:
                 whiteout = os.path.lexists(self.upper + child_path(parent, AUFS_WH + name))
-        return self._classify(parent, state, name, st, whiteout)
+        return self._classify(parent, state, name, st, st.st_ino if st else 0, whiteout)
 
     def entry_name(self, name: bytes) -> bytes | None:
         """The entry a name in U speaks for: itself, the whited-out name (aufs ``.wh.NAME``),
@@ -206,6 +239,7 @@ class Rules:
         state: DirState,
         name: bytes,
         ust: os.stat_result | None,
+        ino: int,
         whiteout: bool,
     ) -> Child:
         path = child_path(parent, name)
@@ -230,24 +264,34 @@ class Rules:
         else:
             kind = None
         if not is_dir:
-            return Child(path, kind, None, merged)
+            return Child(path, kind, None, merged, ino)
         dir_base = base if base is not None and base.is_dir else None
         origin: bytes | None
         if ust is None:
             origin = child_path(state.origin, name) if state.origin is not None else None
-            return Child(path, kind, DirState(dir_base, origin, False), merged)
-        redirect = get_xattr(source, self._redirect_xattr) if not self.aufs else None
-        if self._opaque(source):
-            origin = None
-        elif redirect is not None:
-            origin = (
-                redirect
-                if redirect.startswith(b"/")
-                else (child_path(state.origin, redirect) if state.origin is not None else None)
-            )
-        else:
-            origin = child_path(state.origin, name) if state.origin is not None else None
-        return Child(path, kind, DirState(dir_base, origin, True), merged)
+            return Child(path, kind, DirState(dir_base, origin, False), merged, ino)
+        origin = None
+        if dir_base is not None and self._opaque(source):
+            pass  # opaque: nothing of B shows through (a flag on a new dir is ignored)
+        elif (redirect := self._redirect(source, state.origin)) is not None:
+            target = self.lower.lookup(redirect)
+            origin = redirect if target is not None and target.is_dir else None
+        elif dir_base is not None and state.origin == parent:
+            origin = path  # the common case: B's own directory merges in
+        elif state.origin is not None:
+            candidate = child_path(state.origin, name)
+            target = self.lower.lookup(candidate)
+            origin = candidate if target is not None and target.is_dir else None
+        return Child(path, kind, DirState(dir_base, origin, True), merged, ino)
+
+    def _redirect(self, upath: bytes, parent_origin: bytes | None) -> bytes | None:
+        """Where a redirected U directory's lower content comes from (None: no redirect)."""
+        if self.aufs:
+            return None
+        redirect = get_xattr(upath, self._redirect_xattr)
+        if redirect is None or redirect.startswith(b"/"):
+            return redirect
+        return child_path(parent_origin, redirect) if parent_origin is not None else None
 
     def _opaque(self, upath: bytes) -> bool:
         if self.aufs:

@@ -402,3 +402,24 @@ def test_full_spool_disk_stops_intake_loudly_and_loses_nothing(rig: Rig) -> None
     rig.terminate()
     events = rig.assert_consistent()
     assert events[-1]["type"] == BOOKMARK
+
+
+def test_sighup_reopens_the_sink_files(rig: Rig) -> None:
+    """After logrotate moves the jsonl file away, SIGHUP makes the sink write a new one."""
+    rig.start()
+    rig.wait_log("service_started")
+    (rig.mnt / "before").write_bytes(b"1")
+    deadline = time.monotonic() + 20
+    while b"/before" not in (rig.out.read_bytes() if rig.out.exists() else b""):
+        assert time.monotonic() < deadline, "the first change never reached the file"
+        time.sleep(0.05)
+    rotated = rig.out.with_name(rig.out.name + ".1")
+    rig.out.rename(rotated)
+    assert rig.proc is not None
+    rig.proc.send_signal(signal.SIGHUP)
+    rig.wait_log("reopen_requested")
+    (rig.mnt / "after").write_bytes(b"2")
+    rig.terminate()
+    assert b"/after" not in rotated.read_bytes()
+    assert b"/after" in rig.out.read_bytes()
+    assert "sink_reopened" in [e.get("event") for e in rig.logs()]

@@ -208,6 +208,7 @@ class SinkRunner:
         self._opened = False
         self._error = ""
         self._drain_target: int | None = None
+        self._reopen = False
         self._log = structlog.get_logger().bind(sink=sink.name)
         linger = self.config.linger
         if linger is None:
@@ -234,6 +235,10 @@ class SinkRunner:
             return self.sink.health()
         except Exception as exc:
             return Health(ok=False, detail=f"health() raised {exc!r}")
+
+    def reopen(self) -> None:
+        """Close and open the sink again before its next batch (SIGHUP: rotated files)."""
+        self._reopen = True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set, drain under the deadline, then close the sink.
@@ -271,6 +276,11 @@ class SinkRunner:
                     return
             elif not await self._wait_for_records(stop):
                 continue  # stop was set: the loop re-checks as a drain
+            if self._reopen:
+                self._reopen = False
+                await self._close()
+                await self._open()
+                self._log.info("sink_reopened")
             records = await asyncio.to_thread(
                 self._spool.read, self._cursor, self.config.batch_size
             )

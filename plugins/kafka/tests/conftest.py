@@ -11,11 +11,14 @@ the idempotence test runs too, and the kill test (which needs to own the process
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from kafkakit import EXTERNAL, Broker, ObjectStore, Tansu, object_store_installed, tansu_binary
+from layerwatch_kafka import KafkaSink
+
+from watcher.testing import opened
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +45,11 @@ def broker(tmp_path: Path, object_store: ObjectStore | None) -> Iterator[Broker]
     with Tansu(binary, tmp_path / "tansu.log", store=object_store, bucket=bucket) as server:
         server.create_topic(topic)
         yield Broker(server.address, topic, server)
+
+
+@pytest.fixture
+async def sink(broker: Broker) -> AsyncIterator[KafkaSink]:
+    """An opened structured-mode sink on the broker's fresh topic."""
+    options = {"bootstrap_servers": broker.bootstrap, "topic": broker.topic}
+    async with opened(KafkaSink("k", {**options, "request_timeout_ms": 3000})) as sink:
+        yield sink

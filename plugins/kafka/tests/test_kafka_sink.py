@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -10,44 +10,24 @@ import pytest
 from kafkakit import EXTERNAL, Broker, Consumed, event_ids, read_topic
 from layerwatch_kafka import KafkaSink
 
+from watcher import testing
 from watcher.events import Record
-from watcher.testing import (
-    batches,
-    check_delivered,
-    check_option_error,
-    check_unreachable,
-    deliver_through_restart,
-    free_port,
-    mixed_records,
-    opened,
-    readme_example,
-    send_change_lists,
-)
 
 
 def check_keyed(consumed: Sequence[Consumed], sent: Sequence[Record]) -> None:
     """Every record arrived once, keyed by its mount, each mount's records in seq order."""
-    check_delivered(sent, event_ids(consumed))
+    testing.check_delivered(sent, event_ids(consumed))
     by_id = {record.id: record for record in sent}
     for message in consumed:
         assert message.key == by_id[message.event_id].mount.encode()
-
-
-@pytest.fixture
-async def sink(broker: Broker) -> AsyncIterator[KafkaSink]:
-    """An opened structured-mode sink on the broker's fresh topic."""
-    options = {"bootstrap_servers": broker.bootstrap, "topic": broker.topic}
-    async with opened(KafkaSink("k", {**options, "request_timeout_ms": 3000})) as sink:
-        yield sink
 
 
 async def test_structured_stream_arrives_complete_and_in_order_per_mount(
     sink: KafkaSink, broker: Broker
 ) -> None:
     """Structured mode: value = the event, content-type cloudevents+json, key = mount, once each."""
-    sent = mixed_records(600)
-    for batch in batches(sent, 64):
-        await sink.send(batch)
+    sent = testing.mixed_records(600)
+    await testing.send_stream(sink, sent)
     consumed = await read_topic(broker.bootstrap, broker.topic)
     check_keyed(consumed, sent)
     by_id = {record.id: record for record in sent}
@@ -60,8 +40,8 @@ async def test_structured_stream_arrives_complete_and_in_order_per_mount(
 async def test_binary_mode_puts_attributes_in_ce_headers(broker: Broker) -> None:
     """Binary mode: value = data as JSON, every attribute a ce_ header, content-type JSON."""
     options = {"bootstrap_servers": [broker.bootstrap], "topic": broker.topic, "mode": "binary"}
-    sent = mixed_records(120)
-    async with opened(KafkaSink("k", options)) as sink:
+    sent = testing.mixed_records(120)
+    async with testing.opened(KafkaSink("k", options)) as sink:
         await sink.send(sent)
     consumed = await read_topic(broker.bootstrap, broker.topic)
     check_keyed(consumed, sent)
@@ -79,8 +59,8 @@ async def test_binary_mode_puts_attributes_in_ce_headers(broker: Broker) -> None
 
 async def test_unreachable_broker_is_unavailable() -> None:
     """open() and send() against a port nobody listens on raise SinkUnavailable; unhealthy."""
-    options = {"bootstrap_servers": f"127.0.0.1:{free_port()}", "request_timeout_ms": 1000}
-    await check_unreachable(KafkaSink("k", options))
+    options = {"bootstrap_servers": f"127.0.0.1:{testing.free_port()}", "request_timeout_ms": 1000}
+    await testing.check_unreachable(KafkaSink("k", options))
 
 
 @pytest.mark.parametrize(
@@ -95,7 +75,7 @@ async def test_unreachable_broker_is_unavailable() -> None:
 )
 def test_bad_options_name_the_key(options: dict[str, object], key: str) -> None:
     """A bad or unknown option is a ConfigError naming sinks.NAME.OPTION."""
-    check_option_error(KafkaSink, "k", options, key)
+    testing.check_option_error(KafkaSink, "k", options, key)
 
 
 async def test_broker_killed_mid_stream_loses_nothing(sink: KafkaSink, broker: Broker) -> None:
@@ -107,10 +87,11 @@ async def test_broker_killed_mid_stream_loses_nothing(sink: KafkaSink, broker: B
         pytest.skip("needs to own the broker process (Tansu)")
     if not broker.server.durable:
         pytest.skip("Tansu keeps its log in memory without moto[server]: nothing to prove")
-    sent = mixed_records(500)
-    assert await deliver_through_restart(sink, broker.server, sent) >= 1, "outage not observed"
+    sent = testing.mixed_records(500)
+    failures = await testing.deliver_through_restart(sink, broker.server, sent)
+    assert failures >= 1, "the outage was not observed"
     consumed = await read_topic(broker.bootstrap, broker.topic)
-    check_delivered(sent, event_ids(consumed), exactly_once=False)
+    testing.check_delivered(sent, event_ids(consumed), exactly_once=False)
 
 
 @pytest.mark.skipif(
@@ -121,15 +102,14 @@ async def test_broker_killed_mid_stream_loses_nothing(sink: KafkaSink, broker: B
 async def test_idempotent_producer_delivers_once(broker: Broker) -> None:
     """With enable_idempotence a stream arrives complete, once, in order per mount."""
     options = {"bootstrap_servers": broker.bootstrap, "topic": broker.topic}
-    sent = mixed_records(300)
-    async with opened(KafkaSink("k", {**options, "enable_idempotence": True})) as sink:
-        for batch in batches(sent, 64):
-            await sink.send(batch)
+    sent = testing.mixed_records(300)
+    async with testing.opened(KafkaSink("k", {**options, "enable_idempotence": True})) as sink:
+        await testing.send_stream(sink, sent)
     check_keyed(await read_topic(broker.bootstrap, broker.topic), sent)
 
 
 async def test_readme_consumer_rebuilds_the_change_lists(sink: KafkaSink, broker: Broker) -> None:
     """The README's consumer example rebuilds every mount's change list, despite a re-sent batch."""
-    expected = await send_change_lists(sink)
-    rebuild = readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
+    expected = await testing.send_change_lists(sink)
+    rebuild = testing.readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
     assert await rebuild(broker.bootstrap, broker.topic) == expected

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from layerwatch_nats import NatsSink
 from natskit import NatsServer
 
-from watcher.testing import free_port
+from watcher.testing import free_port, opened
 
 NATS_SERVER = shutil.which("nats-server")
 
@@ -45,3 +46,10 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
             argv += ["--routes", routes]
             servers.append(stack.enter_context(NatsServer(argv, port, tmp_path / f"n{index}.log")))
         yield servers
+
+
+@pytest.fixture
+async def sink(nats_server: NatsServer) -> AsyncIterator[NatsSink]:
+    """An opened sink on the single server, with short ack timeouts."""
+    async with opened(NatsSink("n", {"servers": nats_server.url, "ack_timeout": 2.0})) as sink:
+        yield sink

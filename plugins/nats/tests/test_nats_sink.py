@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -11,35 +10,15 @@ import pytest
 from layerwatch_nats import NatsSink, subject_token
 from natskit import NatsServer, check_stored, read_stream
 
-from watcher.testing import (
-    batches,
-    check_option_error,
-    check_unreachable,
-    deliver,
-    deliver_through_restart,
-    free_port,
-    mixed_records,
-    open_when_ready,
-    opened,
-    readme_example,
-    send_change_lists,
-)
-
-
-@pytest.fixture
-async def sink(nats_server: NatsServer) -> AsyncIterator[NatsSink]:
-    """An opened sink on the single server, with short ack timeouts."""
-    async with opened(NatsSink("n", {"servers": nats_server.url, "ack_timeout": 2.0})) as sink:
-        yield sink
+from watcher import testing
 
 
 async def test_stream_arrives_complete_and_in_order_per_mount(
     sink: NatsSink, nats_server: NatsServer
 ) -> None:
     """A stream of batches is stored whole, each record on its mount's subject, once, in order."""
-    sent = mixed_records(600)
-    for batch in batches(sent, 64):
-        await sink.send(batch)
+    sent = testing.mixed_records(600)
+    await testing.send_stream(sink, sent)
     stored = await read_stream(nats_server.url)
     check_stored(stored, sent)
     by_id = {record.id: record for record in sent}
@@ -58,7 +37,7 @@ async def test_stream_arrives_complete_and_in_order_per_mount(
 
 async def test_retried_batch_is_not_doubled(sink: NatsSink, nats_server: NatsServer) -> None:
     """Sending the same batch again adds nothing: JetStream dedupes by Nats-Msg-Id."""
-    sent = mixed_records(100)
+    sent = testing.mixed_records(100)
     await sink.send(sent)
     await sink.send(sent)
     await sink.send(sent[40:60])
@@ -77,14 +56,15 @@ async def test_open_creates_the_stream_and_accepts_an_existing_one(
         "service_subject": "lw2.all",
         "duplicate_window": 30,
     }
-    async with opened(NatsSink("a", options)) as first, opened(NatsSink("b", options)) as second:
+    first, second = NatsSink("a", options), NatsSink("b", options)
+    async with testing.opened(first), testing.opened(second):
         nc = await nats.connect(servers=[nats_server.url])
         info = await nc.jetstream().stream_info("LW2")
         await nc.close()
         assert info.config.subjects == ["lw2.>"]
         assert info.config.duplicate_window == 30
-        await first.send(mixed_records(10))
-        await second.send(mixed_records(10))
+        await first.send(testing.mixed_records(10))
+        await second.send(testing.mixed_records(10))
         stored = await read_stream(nats_server.url, "LW2")
         assert len(stored) == 10
         assert {item.subject for item in stored} == {"lw2.web", "lw2.db%2Emain", "lw2.cach%C3%A9"}
@@ -92,8 +72,8 @@ async def test_open_creates_the_stream_and_accepts_an_existing_one(
 
 async def test_unreachable_server_is_unavailable() -> None:
     """open() and send() against a port nobody listens on raise SinkUnavailable; unhealthy."""
-    url = f"nats://127.0.0.1:{free_port()}"
-    await check_unreachable(NatsSink("n", {"servers": url, "connect_timeout": 1}))
+    url = f"nats://127.0.0.1:{testing.free_port()}"
+    await testing.check_unreachable(NatsSink("n", {"servers": url, "connect_timeout": 1}))
 
 
 @pytest.mark.parametrize(
@@ -110,7 +90,7 @@ async def test_unreachable_server_is_unavailable() -> None:
 )
 def test_bad_options_name_the_key(options: dict[str, object], key: str) -> None:
     """A bad or unknown option is a ConfigError naming sinks.NAME.OPTION."""
-    check_option_error(NatsSink, "n", options, key)
+    testing.check_option_error(NatsSink, "n", options, key)
 
 
 def test_subject_token_is_reversible_and_safe() -> None:
@@ -127,8 +107,9 @@ async def test_server_killed_mid_stream_loses_and_doubles_nothing(
     sink: NatsSink, nats_server: NatsServer
 ) -> None:
     """SIGKILL and restart of the server mid-stream: retries store every record exactly once."""
-    sent = mixed_records(1000)
-    assert await deliver_through_restart(sink, nats_server, sent) >= 1, "outage not observed"
+    sent = testing.mixed_records(1000)
+    failures = await testing.deliver_through_restart(sink, nats_server, sent)
+    assert failures >= 1, "the outage was not observed"
     check_stored(await read_stream(nats_server.url), sent)
 
 
@@ -138,7 +119,7 @@ async def test_cluster_leader_killed_mid_stream_loses_nothing(
     """Three-node cluster, replicas 3: killing the stream leader mid-stream loses no record."""
     urls = [server.url for server in nats_cluster]
     sink = NatsSink("n", {"servers": urls, "replicas": 3, "ack_timeout": 2.0})
-    await open_when_ready(sink)
+    await testing.open_when_ready(sink)
     try:
         nc = await nats.connect(servers=urls)
         info = await nc.jetstream().stream_info("LAYERWATCH")
@@ -146,12 +127,12 @@ async def test_cluster_leader_killed_mid_stream_loses_nothing(
         assert info.config.num_replicas == 3
         assert info.cluster is not None
         leader = next(s for s in nats_cluster if s.server_name == info.cluster.leader)
-        sent = mixed_records(800)
+        sent = testing.mixed_records(800)
         failures = 0
-        for index, batch in enumerate(batches(sent, 25)):
+        for index, batch in enumerate(testing.batches(sent, 25)):
             if index == 8:
                 leader.kill()
-            failures += await deliver(sink, batch)
+            failures += await testing.deliver(sink, batch)
         assert failures >= 1, "the leader's death was not observed"
         survivor = next(s for s in nats_cluster if s is not leader)
         check_stored(await read_stream(survivor.url), sent)
@@ -163,6 +144,6 @@ async def test_readme_consumer_rebuilds_the_change_lists(
     sink: NatsSink, nats_server: NatsServer
 ) -> None:
     """The README's consumer example rebuilds every mount's change list from the stream."""
-    expected = await send_change_lists(sink)
-    rebuild = readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
+    expected = await testing.send_change_lists(sink)
+    rebuild = testing.readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
     assert await rebuild([nats_server.url]) == expected

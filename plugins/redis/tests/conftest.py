@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from layerwatch_redis import RedisSink
 from rediskit import RedisServer
 
-from watcher.testing import free_port
+from watcher.testing import free_port, opened
 
 REDIS_SERVER = shutil.which("redis-server")
 
@@ -29,3 +30,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     argv += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
     with RedisServer(argv, port, tmp_path / "redis.log") as server:
         yield server
+
+
+@pytest.fixture
+async def sink(redis_server: RedisServer) -> AsyncIterator[RedisSink]:
+    """An opened sink on the server, with short timeouts."""
+    async with opened(RedisSink("r", {"url": redis_server.url, "timeout": 2.0})) as sink:
+        yield sink

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -11,35 +10,16 @@ import redis.asyncio
 from layerwatch_redis import RedisSink, entry_id
 from rediskit import RedisServer, check_streams
 
+from watcher import testing
 from watcher.errors import SinkRejected, SinkUnavailable
-from watcher.testing import (
-    MOUNTS,
-    batches,
-    check_option_error,
-    check_unreachable,
-    deliver_through_restart,
-    free_port,
-    mixed_records,
-    opened,
-    readme_example,
-    send_change_lists,
-)
-
-
-@pytest.fixture
-async def sink(redis_server: RedisServer) -> AsyncIterator[RedisSink]:
-    """An opened sink on the server, with short timeouts."""
-    async with opened(RedisSink("r", {"url": redis_server.url, "timeout": 2.0})) as sink:
-        yield sink
 
 
 async def test_stream_arrives_complete_and_in_order_per_mount(
     sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """A stream of batches lands whole, one Redis stream per mount, ids from the sequence."""
-    sent = mixed_records(600)
-    for batch in batches(sent, 64):
-        await sink.send(batch)
+    sent = testing.mixed_records(600)
+    await testing.send_stream(sink, sent)
     await check_streams(sink, redis_server.url, sent)
     assert sink.stream("db.main") == "layerwatch:db.main"
     assert sink.stream("") == "layerwatch:_service"
@@ -50,7 +30,7 @@ async def test_retried_and_half_written_batches_are_not_doubled(
     sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """A batch sent again, or after a prefix of it landed, adds only what was missing."""
-    sent = mixed_records(200)
+    sent = testing.mixed_records(200)
     await sink.send(sent[:70])
     await sink.send(sent)
     await sink.send(sent)
@@ -62,7 +42,7 @@ async def test_out_of_memory_writes_nothing_then_retry_writes_all(
     sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """A batch refused for memory writes no record of it; the retry after recovery writes all."""
-    sent = mixed_records(120)
+    sent = testing.mixed_records(120)
     await sink.send(sent[:30])
     admin = redis.asyncio.Redis.from_url(redis_server.url)
     try:
@@ -71,7 +51,7 @@ async def test_out_of_memory_writes_nothing_then_retry_writes_all(
         with pytest.raises(SinkUnavailable):
             await sink.send(sent[30:])
         assert not sink.health().ok
-        lengths = [await admin.xlen(sink.stream(mount)) for mount in (*MOUNTS, "")]
+        lengths = [await admin.xlen(sink.stream(mount)) for mount in (*testing.MOUNTS, "")]
         assert sum(lengths) == 30
         await admin.config_set("maxmemory", 0)
     finally:
@@ -87,15 +67,14 @@ async def test_wrong_key_type_is_rejected(sink: RedisSink, redis_server: RedisSe
     await admin.set("layerwatch:web", "not a stream")
     await admin.aclose()
     with pytest.raises(SinkRejected, match="layerwatch:web"):
-        await sink.send(mixed_records(10))
+        await sink.send(testing.mixed_records(10))
 
 
 async def test_maxlen_trims_approximately(redis_server: RedisServer) -> None:
     """maxlen trims each stream to about that many entries, and retries still dedupe."""
-    async with opened(RedisSink("r", {"url": redis_server.url, "maxlen": 10})) as sink:
-        sent = mixed_records(3000, mounts=("web",))
-        for batch in batches(sent, 100):
-            await sink.send(batch)
+    async with testing.opened(RedisSink("r", {"url": redis_server.url, "maxlen": 10})) as sink:
+        sent = testing.mixed_records(3000, mounts=("web",))
+        await testing.send_stream(sink, sent, batch_size=100)
         await sink.send(sent[-100:])
     client = redis.asyncio.Redis.from_url(redis_server.url)
     length = await client.xlen("layerwatch:web")
@@ -108,8 +87,8 @@ async def test_maxlen_trims_approximately(redis_server: RedisServer) -> None:
 
 async def test_unreachable_server_is_unavailable() -> None:
     """open() and send() against a port nobody listens on raise SinkUnavailable; unhealthy."""
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    await check_unreachable(RedisSink("r", {"url": url, "timeout": 1}))
+    url = f"redis://127.0.0.1:{testing.free_port()}/0"
+    await testing.check_unreachable(RedisSink("r", {"url": url, "timeout": 1}))
 
 
 @pytest.mark.parametrize(
@@ -124,7 +103,7 @@ async def test_unreachable_server_is_unavailable() -> None:
 )
 def test_bad_options_name_the_key(options: dict[str, object], key: str) -> None:
     """A bad or unknown option is a ConfigError naming sinks.NAME.OPTION."""
-    check_option_error(RedisSink, "r", options, key)
+    testing.check_option_error(RedisSink, "r", options, key)
 
 
 def test_entry_ids_grow_with_the_sequence() -> None:
@@ -136,8 +115,9 @@ async def test_server_killed_mid_stream_loses_and_doubles_nothing(
     sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """SIGKILL and restart of the server mid-stream: retries store every record exactly once."""
-    sent = mixed_records(1000)
-    assert await deliver_through_restart(sink, redis_server, sent) >= 1, "outage not observed"
+    sent = testing.mixed_records(1000)
+    failures = await testing.deliver_through_restart(sink, redis_server, sent)
+    assert failures >= 1, "the outage was not observed"
     await check_streams(sink, redis_server.url, sent)
 
 
@@ -145,6 +125,6 @@ async def test_readme_consumer_rebuilds_the_change_lists(
     sink: RedisSink, redis_server: RedisServer
 ) -> None:
     """The README's consumer example rebuilds every mount's change list, despite a re-sent batch."""
-    expected = await send_change_lists(sink)
-    rebuild = readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
+    expected = await testing.send_change_lists(sink)
+    rebuild = testing.readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
     assert await rebuild(redis_server.url) == expected

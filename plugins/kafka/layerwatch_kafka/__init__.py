@@ -80,12 +80,7 @@ def binary_message(body: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
 class KafkaSink:
     """Produces events to a Kafka topic, keyed by mount.
 
-    Args:
-        name: the sink's name in the config.
-        options: the sink's options table (see the module docstring).
-
-    Raises:
-        ConfigError: naming the option that is missing, unknown or malformed.
+    A ``SinkFactory`` (``watcher.sinks``); its options are in the module docstring.
     """
 
     def __init__(self, name: str, options: Mapping[str, object]) -> None:

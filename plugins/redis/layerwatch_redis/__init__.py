@@ -52,12 +52,7 @@ def entry_id(seq: int) -> str:
 class RedisSink:
     """Appends events to Redis Streams, one stream per mount.
 
-    Args:
-        name: the sink's name in the config.
-        options: the sink's options table (see the module docstring).
-
-    Raises:
-        ConfigError: naming the option that is missing, unknown or malformed.
+    A ``SinkFactory`` (``watcher.sinks``); its options are in the module docstring.
     """
 
     def __init__(self, name: str, options: Mapping[str, object]) -> None:

@@ -249,6 +249,8 @@ class NatsSink:
             for future in futures:
                 if not future.done():
                     future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # seen: asyncio logs an unretrieved failure at exit
         self._health = Health(ok=True)
 
     def health(self) -> Health:

@@ -9,6 +9,7 @@ directory the children in the list, so a change updates its ancestors in O(depth
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,10 +59,45 @@ class _Dir:
 
 
 _STRUCTURAL = frozenset({Op.CREATE, Op.MOVE, Op.DELETE})
+_ACTIVITY = frozenset({Op.MODIFY, Op.ATTRIB, Op.CREATE, Op.MOVE})
+"""Hint ops that make an activity event for a path that stays in the list: writes, attribute
+changes, and a new entry under the same name (re-created, or renamed over: an editor's save)."""
 
 
 def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0] or b"/"
+
+
+def _net(items: list[Item]) -> list[Item]:
+    """One transition per path for one drain: from where the path began to where it ended.
+
+    Reconciling passes through intermediate states (a replaced or moved-back directory's
+    subtree is dropped, then scanned again: A, gone, A); consumers get the net change only.
+    A path that ends where it began yields one activity event when it had one, or when a
+    non-directory was replaced under its name (re-created, moved away and back), else nothing.
+    """
+    chains: dict[bytes, list[Transition]] = {}
+    for item in items:
+        if not isinstance(item, Transition):
+            return items  # reconcile emits transitions only; keep anything else as it is
+        chains.setdefault(item.path, []).append(item)
+    if len(chains) == len(items):
+        return items
+    out: list[Item] = []
+    for path, chain in chains.items():
+        first, last = chain[0], chain[-1]
+        if first.prev_kind != last.kind:
+            out.append(Transition(path, last.kind, first.prev_kind, last.op, last.stat))
+            continue
+        if last.kind is None:
+            continue
+        acts = [t for t in chain if t.kind == t.prev_kind]
+        if acts:
+            out.append(Transition(path, last.kind, last.kind, acts[-1].op, last.stat))
+        elif last.stat is not None and not stat.S_ISDIR(last.stat.st_mode):
+            op = last.op if last.op in _ACTIVITY else Op.MODIFY
+            out.append(Transition(path, last.kind, last.kind, op, last.stat))
+    return out
 
 
 class Tracker:
@@ -85,7 +121,7 @@ class Tracker:
         xattr_prefix: bytes = b"trusted.overlay.",
     ) -> None:
         self.mount = mount
-        self.upper = upper.rstrip(b"/")
+        self.upper = os.path.realpath(upper).rstrip(b"/")
         self.rules = Rules(upper, lower, xattr_prefix=xattr_prefix)
         self._watches = watches
         self._own: dict[bytes, Kind] = {}
@@ -171,7 +207,7 @@ class Tracker:
         """Bring the list in step for every dirty path (parents first); return the items."""
         for path in sorted(dirty, key=lambda p: (p.count(b"/"), p)):
             self._reconcile_one(path, dirty[path])
-        return self.take()
+        return _net(self.take())
 
     def resync(self, reason: str) -> list[Item]:
         """Rescan everything (overflow, watch limits): a resync, real transitions, a snapshot."""
@@ -216,7 +252,7 @@ class Tracker:
         except NotADirectoryError:
             return
         old = self._dirs.get(path)
-        new_ino = child.st.st_ino if child.st is not None else 0
+        new_ino = child.ino
         if child.dir is not None and child.kind is Kind.DELETED:
             raise AssertionError("a deleted entry has no directory")
         replaced = (
@@ -258,8 +294,7 @@ class Tracker:
             for child in children:
                 self._set_own(child.path, child.kind, op, child.st, activity=False)
                 if child.dir is not None:
-                    cino = child.st.st_ino if child.st is not None and child.dir.in_upper else 0
-                    stack.append((child.path, child.dir, cino))
+                    stack.append((child.path, child.dir, child.ino))
 
     def _watch(self, directory: bytes, info: _Dir) -> None:
         try:
@@ -311,7 +346,7 @@ class Tracker:
             if parent_info is not None:
                 parent_info.members.add(path)
         if old == kind:
-            if activity and op in (Op.MODIFY, Op.ATTRIB) and path in self.kinds:
+            if activity and op in _ACTIVITY and path in self.kinds:
                 self._emit(path, self.kinds[path], self.kinds[path], op, st)  # activity
             return
         self._refresh(path, op, st)
@@ -374,8 +409,7 @@ class Tracker:
                     info.members.add(child.path)
                 if child.dir is not None:
                     info.members.add(child.path)
-                    cino = child.st.st_ino if child.st is not None and child.dir.in_upper else 0
-                    stack.append((child.path, child.dir, cino))
+                    stack.append((child.path, child.dir, child.ino))
         for path, info in self._dirs.items():
             stale = dirs.get(path) is not info and info.wd is not None
             if stale and info.wd is not None and self._wd_path.get(info.wd) == path:

@@ -1,0 +1,140 @@
+"""Test kit for the live tracker: a Tracker on a real overlay mount, wired the service's way.
+
+``LiveMount`` owns one ``Inotify``, one ``Hub`` and one ``Tracker`` over a mounted overlay,
+records every item the hub publishes, and checks the tracker's two promises after ``sync()``:
+the incremental list equals ``compute(upper, lowers)``, and replaying the published items from
+empty gives the same list (``replay`` also checks that every transition's ``prev_kind`` is
+what the consumer holds at that point, so a chain of events is consistent, not only its end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+
+from watcher.changes import Change, Kind, Op, Transition, compute
+from watcher.events import SNAPSHOT_BEGIN
+from watcher.hub import Hub
+from watcher.inotify import Inotify
+from watcher.layers import LowerStack
+from watcher.tracker import Control, Item, Tracker
+
+ACTIVITY_OPS = frozenset({Op.MODIFY, Op.ATTRIB, Op.CREATE, Op.MOVE})
+"""Ops an activity event (``kind == prev_kind``) may carry: a write, never a rescan."""
+
+
+def replay(items: Sequence[Item], initial: Mapping[bytes, Kind] | None = None) -> dict[bytes, Kind]:
+    """The list a consumer holding ``initial`` builds from ``items`` (``snapshot.begin`` resets).
+
+    Raises:
+        AssertionError: a transition's ``prev_kind`` is not what the consumer holds, or an
+            activity event names a path outside the list or a non-write op.
+    """
+    state: dict[bytes, Kind] = dict(initial or {})
+    in_snapshot = False
+    for item in items:
+        if isinstance(item, Control):
+            if item.type == SNAPSHOT_BEGIN:
+                state, in_snapshot = {}, True
+            elif item.type.endswith("snapshot.end"):
+                in_snapshot = False
+            continue
+        held = state.get(item.path)
+        if in_snapshot:
+            assert item.op is Op.SNAPSHOT, f"non-snapshot item inside a snapshot: {item}"
+        else:
+            assert held == item.prev_kind, f"prev_kind {item.prev_kind} but held {held}: {item}"
+        if item.kind == item.prev_kind and not in_snapshot:
+            assert item.kind is not None, f"a no-op transition was emitted: {item}"
+            assert item.op in ACTIVITY_OPS, f"activity event with op {item.op}: {item}"
+        if item.kind is None:
+            state.pop(item.path, None)
+        else:
+            state[item.path] = item.kind
+    return state
+
+
+def as_list(kinds: Mapping[bytes, Kind]) -> list[Change]:
+    """A ``{path: kind}`` mapping as a sorted change list."""
+    return [Change(path, kinds[path]) for path in sorted(kinds)]
+
+
+class LiveMount:
+    """One tracker over a mounted overlay, fed by its own inotify instance and hub.
+
+    Args:
+        name: the mount name.
+        upper: the overlay's upper directory.
+        lowers: its lower directories, top first.
+        rescan_interval: the hub's rescan period for a degraded tracker.
+    """
+
+    def __init__(
+        self, name: str, upper: str, lowers: Sequence[str], *, rescan_interval: float = 2.0
+    ) -> None:
+        self.upper = upper
+        self.lowers = list(lowers)
+        self.items: list[Item] = []
+        self.batches: list[list[Item]] = []
+        self.inotify = Inotify()
+        self.hub = Hub(self.inotify, self._publish, rescan_interval=rescan_interval)
+        stack = LowerStack([os.fsencode(p) for p in lowers])
+        self.tracker = Tracker(name, os.fsencode(upper), stack, self.hub)
+        self._task: asyncio.Task[None] | None = None
+        self.initial: dict[bytes, Kind] = {}
+        """What a consumer held before the first item (a restart's persisted list)."""
+
+    async def _publish(self, tracker: Tracker, items: list[Item]) -> None:
+        self.items.extend(items)
+        self.batches.append(items)
+
+    async def start(self, persisted: Mapping[bytes, Kind] | None = None) -> None:
+        """Start the tracker (snapshot, or restart from ``persisted``) and the hub's loop."""
+        self.initial = dict(persisted or {})
+        await self.hub.attach(self.tracker, self.tracker.start(persisted))
+        self._task = asyncio.create_task(self.hub.run())
+
+    async def sync(self) -> None:
+        """The hub's sync barrier, bounded (10 s); re-raises a crash of the hub's loop."""
+        assert self._task is not None
+        if self._task.done():
+            self._task.result()
+        async with asyncio.timeout(10):
+            await self.hub.sync()
+
+    def transitions(self) -> list[Transition]:
+        """Every transition published so far."""
+        return [i for i in self.items if isinstance(i, Transition)]
+
+    def controls(self, type_: str | None = None) -> list[Control]:
+        """Control items published so far (of ``type_``, when given)."""
+        return [
+            i for i in self.items if isinstance(i, Control) and (type_ is None or i.type == type_)
+        ]
+
+    def check(self) -> list[Change]:
+        """Assert list == compute() == replay of the items, one item per path per drain.
+
+        Returns:
+            The list.
+        """
+        want = compute(self.upper, self.lowers)
+        assert self.tracker.changes() == want, "incremental list differs from compute()"
+        got = as_list(replay(self.items, self.initial))
+        assert got == want, "replayed events differ from compute()"
+        for batch in self.batches:
+            paths = [t.path for t in batch if isinstance(t, Transition) and t.op is not Op.SNAPSHOT]
+            assert len(paths) == len(set(paths)), f"a path twice in one drain: {batch}"
+        return want
+
+    async def stop(self) -> None:
+        """Stop the loop, drop watches, close the inotify instance."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.hub.close()
+        self.inotify.close()

@@ -1,0 +1,269 @@
+"""The live tracker on real overlay mounts: focused scenarios.
+
+Each test mounts a fresh overlay over the conformance lower tree, runs a tracker through a
+real inotify instance and hub (``live.LiveMount``), does something in the merged view, calls
+the sync barrier and checks the list (against ``compute``) and the published events.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import OverlayFactory, load_cases
+from live import LiveMount, as_list, replay
+from overlay import Overlay, build_lower, requires_overlay, run_ops
+
+from watcher.changes import Kind, Op, Transition, compute
+from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.tracker import Control, Item
+
+pytestmark = [requires_overlay, pytest.mark.root]
+
+CASES = load_cases()
+
+
+@pytest.fixture
+def lower(tmp_path: Path) -> str:
+    """The conformance lower tree, freshly built."""
+    path = tmp_path / "lower"
+    path.mkdir()
+    build_lower(str(path), CASES["lower"])
+    return str(path)
+
+
+@pytest.fixture
+def ovl(overlay_factory: OverlayFactory, lower: str) -> Overlay:
+    """A fresh overlay over the conformance lower tree (unmounted at the end)."""
+    return overlay_factory([lower])
+
+
+@pytest.fixture
+async def live(ovl: Overlay) -> AsyncIterator[LiveMount]:
+    """A started tracker on ``ovl``; stopped at the end."""
+    mount = LiveMount("m", ovl.upper, ovl.lowers)
+    await mount.start()
+    yield mount
+    await mount.stop()
+
+
+def _batches_since(live: LiveMount, index: int) -> list[list[Item]]:
+    """The batches published from ``live.batches[index]`` on."""
+    return live.batches[index:]
+
+
+def _transitions(batches: list[list[Item]]) -> list[Transition]:
+    return [i for b in batches for i in b if isinstance(i, Transition)]
+
+
+def _w(path: str, data: bytes = b"x", mode: str = "wb") -> None:
+    with open(path, mode) as fh:
+        fh.write(data)
+
+
+async def test_snapshot_on_start(ovl: Overlay) -> None:
+    """Start emits snapshot.begin, every existing entry (op snapshot), then snapshot.end."""
+    run_ops(ovl.merged, "echo more >> data/file1; rm data/file2; mkdir -p n/a; echo z > n/a/z")
+    live = LiveMount("m", ovl.upper, ovl.lowers)
+    await live.start()
+    try:
+        items = live.items
+        assert isinstance(items[0], Control)
+        assert live.controls()[0].type == SNAPSHOT_BEGIN
+        end = live.controls()[-1]
+        assert end.type == SNAPSHOT_END
+        entries = [i for i in items if isinstance(i, Transition)]
+        assert all(t.op is Op.SNAPSHOT and t.prev_kind is None for t in entries)
+        want = compute(ovl.upper, ovl.lowers)
+        assert [(t.path, t.kind) for t in entries] == [(c.path, c.kind) for c in want]
+        assert end.data["count"] == len(want) == 6
+        assert next(t for t in entries if t.path == b"/data/file2").stat is None  # D: no stat
+        live.check()
+    finally:
+        await live.stop()
+
+
+@pytest.mark.parametrize("case", CASES["cases"], ids=[c["name"] for c in CASES["cases"]])
+async def test_conformance_case_live(case: dict[str, Any], live: LiveMount, ovl: Overlay) -> None:
+    """Each conformance case applied live gives compute()'s list, and Docker's answer."""
+    run_ops(ovl.merged, case["ops"])
+    await live.sync()
+    got = live.check()
+    assert {f"{c.kind.value} {os.fsdecode(c.path)}" for c in got} == set(case["expect"])
+
+
+async def test_second_write_is_activity(live: LiveMount, ovl: Overlay) -> None:
+    """A second write to a listed file yields kind == prev_kind with op modify."""
+    _w(os.path.join(ovl.merged, "data/new"), b"1")
+    await live.sync()
+    mark = len(live.batches)
+    _w(os.path.join(ovl.merged, "data/new"), b"2", "ab")
+    await live.sync()
+    mine = [t for t in _transitions(_batches_since(live, mark)) if t.path == b"/data/new"]
+    assert [(t.kind, t.prev_kind, t.op) for t in mine] == [(Kind.ADDED, Kind.ADDED, Op.MODIFY)]
+    assert mine[0].stat is not None
+    assert mine[0].stat.st_size == 2
+    live.check()
+
+
+async def test_rename_over_is_activity(live: LiveMount, ovl: Overlay) -> None:
+    """An editor's save (write a temp file, rename it over a listed file) is reported."""
+    target = os.path.join(ovl.merged, "data/file1")
+    _w(target, b"first")
+    await live.sync()
+    mark = len(live.batches)
+    _w(target + ".tmp", b"second")
+    os.rename(target + ".tmp", target)
+    await live.sync()
+    mine = [t for t in _transitions(_batches_since(live, mark)) if t.path == b"/data/file1"]
+    assert [(t.kind, t.prev_kind) for t in mine] == [(Kind.CHANGED, Kind.CHANGED)]
+    live.check()
+
+
+async def test_one_item_per_path_per_drain(live: LiveMount, ovl: Overlay) -> None:
+    """A directory moved away and back in one drain yields at most one item per path."""
+    run_ops(ovl.merged, "mkdir -p n/a/b && echo 1 > n/a/b/f && echo 2 > n/g")
+    await live.sync()
+    mark = len(live.batches)
+    os.rename(os.path.join(ovl.merged, "n"), os.path.join(ovl.merged, "m"))
+    os.rename(os.path.join(ovl.merged, "m"), os.path.join(ovl.merged, "n"))
+    await live.sync()
+    for batch in _batches_since(live, mark):
+        paths = [t.path for t in batch if isinstance(t, Transition)]
+        assert len(paths) == len(set(paths)), f"a path twice in one drain: {batch}"
+        assert all(t.kind == t.prev_kind for t in batch if isinstance(t, Transition))
+    live.check()
+
+
+async def test_chmod_of_a_new_subdirectory_is_one_event(live: LiveMount, ovl: Overlay) -> None:
+    """chmod of a directory inside a new tree reports that directory only, not its subtree."""
+    run_ops(ovl.merged, "mkdir -p n/a/b && echo 1 > n/a/b/f && echo 2 > n/a/g")
+    await live.sync()
+    mark = len(live.batches)
+    os.chmod(os.path.join(ovl.merged, "n/a"), 0o700)
+    await live.sync()
+    got = [(t.path, t.kind, t.prev_kind, t.op) for t in _transitions(live.batches[mark:])]
+    assert got == [(b"/n/a", Kind.ADDED, Kind.ADDED, Op.ATTRIB)]
+    live.check()
+
+
+async def test_restart_reports_what_changed_while_stopped(ovl: Overlay) -> None:
+    """start(persisted) emits resync(restart), only the real transitions, then a snapshot."""
+    first = LiveMount("m", ovl.upper, ovl.lowers)
+    await first.start()
+    run_ops(ovl.merged, "echo 1 > data/new; mkdir -p n/a; echo 2 > n/a/f; rm data/file2")
+    await first.sync()
+    persisted = dict(first.tracker.kinds)
+    await first.stop()
+
+    run_ops(ovl.merged, "rm -rf n; echo 3 > data/other; chmod 600 data/file1")
+    second = LiveMount("m", ovl.upper, ovl.lowers)
+    await second.start(persisted)
+    try:
+        items = second.items
+        assert isinstance(items[0], Control)
+        assert second.controls()[0].type == RESYNC
+        assert second.controls()[0].data == {"mount": "m", "reason": "restart"}
+        begin = next(i for i, x in enumerate(items) if x in second.controls(SNAPSHOT_BEGIN))
+        moves = {(t.path, t.kind, t.prev_kind) for t in items[1:begin] if isinstance(t, Transition)}
+        assert moves == {
+            (b"/n", None, Kind.ADDED),
+            (b"/n/a", None, Kind.ADDED),
+            (b"/n/a/f", None, Kind.ADDED),
+            (b"/data/other", Kind.ADDED, None),
+            (b"/data/file1", Kind.CHANGED, None),
+        }
+        assert all(t.op is Op.RESCAN for t in items[1:begin] if isinstance(t, Transition))
+        # A consumer that kept the first run's list and applies only the transitions agrees.
+        kept = dict(persisted)
+        for t in items[1:begin]:
+            if isinstance(t, Transition):
+                assert kept.get(t.path) == t.prev_kind
+                if t.kind is None:
+                    kept.pop(t.path)
+                else:
+                    kept[t.path] = t.kind
+        assert as_list(kept) == compute(ovl.upper, ovl.lowers)
+        second.check()
+    finally:
+        await second.stop()
+
+
+def _tree(root: str) -> list[tuple[str, int, int]]:
+    """Every name under ``root`` with its mtime and inode (what a write would disturb)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            st = os.lstat(os.path.join(dirpath, name))
+            out.append((os.path.join(dirpath, name), st.st_mtime_ns, st.st_ino))
+    st = os.lstat(root)
+    out.append((root, st.st_mtime_ns, st.st_ino))
+    return sorted(out)
+
+
+async def test_sync_never_writes_in_upper(live: LiveMount, ovl: Overlay) -> None:
+    """The sync barrier's cookies live outside U: syncing leaves U untouched."""
+    run_ops(ovl.merged, "mkdir -p n/a; echo 1 > n/a/f; echo 2 >> data/file1")
+    await live.sync()
+    before = _tree(ovl.upper)
+    mark = len(live.items)
+    for _ in range(20):
+        await live.sync()
+    assert _tree(ovl.upper) == before
+    assert live.items[mark:] == []
+    assert not os.fsdecode(live.hub._sync_dir).startswith(ovl.upper)
+
+
+async def test_non_utf8_directory_names(live: LiveMount, ovl: Overlay) -> None:
+    """Directories and files with non-UTF-8 names and newlines are watched and listed."""
+    merged = os.fsencode(ovl.merged)
+    odd = os.path.join(merged, b"\xff\xfe dir")
+    os.makedirs(os.path.join(odd, b"new\nline"))
+    _w(os.fsdecode(os.path.join(odd, b"new\nline", b"\x80f")), b"1")
+    await live.sync()
+    live.check()
+    # A write inside the watched non-UTF-8 directory is seen (its watch works).
+    _w(os.fsdecode(os.path.join(odd, b"new\nline", b"\x81g")), b"2")
+    await live.sync()
+    assert (b"/\xff\xfe dir/new\nline/\x81g", Kind.ADDED) in live.check()
+    os.rename(odd, os.path.join(merged, b"data", b"\xc3("))
+    await live.sync()
+    got = live.check()
+    assert (b"/data/\xc3(/new\nline/\x81g", Kind.ADDED) in got
+    assert all(not c.path.startswith(b"/\xff\xfe") for c in got)
+
+
+async def test_events_valid_against_schema(live: LiveMount, ovl: Overlay) -> None:
+    """Every published event, encoded, is valid against the JSON Schemas in watcher/schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    orjson = pytest.importorskip("orjson")
+    try:
+        from watcher.check import schema_for
+    except ImportError:
+        pytest.skip("watcher.check.schema_for is not there yet")
+    from watcher.publisher import Publisher
+
+    run_ops(
+        ovl.merged,
+        "echo 1 >> data/file1; rm -rf data/sub; mkdir -p n/a; mkfifo n/p; ln -s x n/l;"
+        " chmod 600 data/dir2/c; echo 2 >> data/file1",
+    )
+    os.mkdir(os.path.join(os.fsencode(ovl.merged), b"\xff"))
+    await live.sync()
+    await live.hub.attach(live.tracker, live.tracker.resync("overflow"))
+    publisher = Publisher(lambda records, lists: _noop(), host="h")
+    records = publisher.encode("m", live.items)
+    assert {r.type for r in records} >= {"io.layerwatch.change", RESYNC, SNAPSHOT_BEGIN}
+    envelope = schema_for("envelope")
+    for record in records:
+        event = orjson.loads(record.body)
+        jsonschema.validate(event, envelope)
+        jsonschema.validate(event["data"], schema_for(record.type))
+    assert as_list(replay(live.items)) == compute(ovl.upper, ovl.lowers)
+
+
+async def _noop() -> None:
+    return None

@@ -78,6 +78,8 @@ class LiveMount:
         self.lowers = list(lowers)
         self.items: list[Item] = []
         self.batches: list[list[Item]] = []
+        self.published = asyncio.Event()
+        """Set at every publish (clear it, then wait for the next one)."""
         self.inotify = Inotify()
         self.hub = Hub(self.inotify, self._publish, rescan_interval=rescan_interval)
         stack = LowerStack([os.fsencode(p) for p in lowers])
@@ -89,6 +91,7 @@ class LiveMount:
     async def _publish(self, tracker: Tracker, items: list[Item]) -> None:
         self.items.extend(items)
         self.batches.append(items)
+        self.published.set()
 
     async def start(self, persisted: Mapping[bytes, Kind] | None = None) -> None:
         """Start the tracker (snapshot, or restart from ``persisted``) and the hub's loop."""

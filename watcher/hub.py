@@ -158,6 +158,9 @@ class Hub(WatchOps):
         if overflow:
             self.overflows += 1
             log.warning("inotify_overflow", mounts=len(self.trackers))
+            # A full queue drops events, sync cookies included: every sync() waiting now
+            # began before this rescan, so the rescan covers it.
+            cookies.extend(self._cookies)
             for tracker in list(self.trackers.values()):
                 await self._publish(tracker, tracker.resync("overflow"))
         else:

@@ -419,6 +419,7 @@ class Tracker:
         for path, info in dirs.items():
             if info.state.in_upper and (info.wd is None or self._wd_path.get(info.wd) != path):
                 self._watch(path, info)
+        self._unwatched.intersection_update(dirs)  # gone while unwatched: nothing to watch
         if not self._unwatched and self.degraded == "watch_limit":
             self.degraded = None
             self._log.info("watch_limit_recovered")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
-from collections.abc import Mapping
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import structlog
@@ -21,7 +23,7 @@ import structlog
 from watcher.errors import ConfigError
 from watcher.sinks import Sink
 
-__all__ = ["GROUP", "Options", "available_sinks", "load_sink"]
+__all__ = ["GROUP", "MountNames", "Options", "available_sinks", "load_sink"]
 
 GROUP: Final = "layerwatch.sinks"
 
@@ -72,6 +74,32 @@ def load_sink(name: str, type_: str, options: Mapping[str, object]) -> Sink:
         raise ConfigError(key, f"{entry.value!r} did not build a Sink (got {type(sink).__name__})")
     _log.debug("sink_loaded", sink=name, type=type_, factory=entry.value)
     return sink
+
+
+def _unchanged(mount: str) -> str:
+    return mount
+
+
+@dataclass(frozen=True, slots=True)
+class MountNames:
+    """Names a destination per mount (a subject, a stream key, a topic) from a template.
+
+    Call it with a mount name: ``template`` with ``{mount}`` replaced by ``escape(mount)``, or
+    ``service`` for service-wide events (mount ``""``). Built by ``Options.mount_names``.
+
+    Attributes:
+        template: a format string whose only field is ``{mount}``.
+        service: the destination of events without a mount.
+        escape: what a mount name becomes in the template (default: itself).
+    """
+
+    template: str
+    service: str
+    escape: Callable[[str], str] = _unchanged
+
+    def __call__(self, mount: str) -> str:
+        """The destination of an event of ``mount``."""
+        return self.template.format(mount=self.escape(mount)) if mount else self.service
 
 
 class Options:
@@ -171,7 +199,14 @@ class Options:
 
     def string_list(self, option: str, default: object = _MISSING) -> tuple[str, ...]:
         """A non-empty list of strings."""
+        return self._strings(option, self._get(option, default))
+
+    def strings(self, option: str, default: object = _MISSING) -> tuple[str, ...]:
+        """A string, or a non-empty list of strings (server addresses, say)."""
         value = self._get(option, default)
+        return self._strings(option, [value] if isinstance(value, str) else value)
+
+    def _strings(self, option: str, value: object) -> tuple[str, ...]:
         if (
             not isinstance(value, list | tuple)
             or not value
@@ -181,6 +216,29 @@ class Options:
                 self.key(option), f"expected a non-empty list of strings, got {value!r}"
             )
         return tuple(value)
+
+    def mount_names(
+        self,
+        option: str,
+        default: str,
+        service_option: str,
+        service_default: str,
+        *,
+        escape: Callable[[str], str] = _unchanged,
+    ) -> MountNames:
+        """A per-mount destination: the template ``option`` and the name ``service_option``.
+
+        The template must be a valid format string whose only field is ``{mount}``.
+        """
+        template = self.string(option, default)
+        fields = _format_fields(template)
+        if fields is None:
+            raise ConfigError(self.key(option), f"bad template {template!r}")
+        if fields != {"mount"}:
+            raise ConfigError(
+                self.key(option), f"template must have one field, {{mount}}: {template!r}"
+            )
+        return MountNames(template, self.string(service_option, service_default), escape)
 
     def string_map(self, option: str, default: object = _MISSING) -> dict[str, str]:
         """A table of string to string."""
@@ -196,3 +254,11 @@ class Options:
         unknown = sorted(set(self._options) - self._seen)
         if unknown:
             raise ConfigError(self.key(unknown[0]), "unknown option")
+
+
+def _format_fields(template: str) -> set[str] | None:
+    """The field names of a format string, or None when it does not parse."""
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError:
+        return None

@@ -85,12 +85,9 @@ class KafkaSink:
 
     def __init__(self, name: str, options: Mapping[str, object]) -> None:
         self.name = name
-        table = dict(options)
-        if isinstance(table.get("bootstrap_servers"), str):
-            table["bootstrap_servers"] = [table["bootstrap_servers"]]
-        opts = Options(name, table)
+        opts = Options(name, options)
         self._idempotence = opts.boolean("enable_idempotence", False)
-        self._servers = list(opts.string_list("bootstrap_servers", ["127.0.0.1:9092"]))
+        self._servers = list(opts.strings("bootstrap_servers", ["127.0.0.1:9092"]))
         self._topic = opts.string("topic", "layerwatch")
         self._binary = opts.choice("mode", ("structured", "binary"), "structured") == "binary"
         self._request_timeout_ms = opts.integer("request_timeout_ms", 30000, minimum=1)

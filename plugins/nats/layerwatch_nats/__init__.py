@@ -41,7 +41,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, StorageType, StreamConfig
 
-from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
+from watcher.errors import SinkRejected, SinkUnavailable
 from watcher.events import Record
 from watcher.plugins import Options
 from watcher.sinks import Health
@@ -79,45 +79,29 @@ class NatsSink:
 
     def __init__(self, name: str, options: Mapping[str, object]) -> None:
         self.name = name
-        table = dict(options)
-        servers = table.get("servers", ["nats://127.0.0.1:4222"])
-        if isinstance(servers, str):
-            table["servers"] = [servers]
-        opts = Options(name, table)
+        opts = Options(name, options)
         self._ordered = opts.boolean("ordered", True)
-        self._servers = list(opts.string_list("servers", ["nats://127.0.0.1:4222"]))
+        self._servers = list(opts.strings("servers", ["nats://127.0.0.1:4222"]))
         self._stream = opts.string("stream", "LAYERWATCH")
         self._subjects = list(opts.string_list("subjects", ["layerwatch.>"]))
-        self._template = opts.string("subject", "layerwatch.{mount}")
-        self._service_subject = opts.string("service_subject", "layerwatch._service")
+        self.subject = opts.mount_names(
+            "subject",
+            "layerwatch.{mount}",
+            "service_subject",
+            "layerwatch._service",
+            escape=subject_token,
+        )
+        """The subject an event of a mount is published to (``""``: service-wide)."""
         self._replicas = opts.integer("replicas", 1, minimum=1)
         self._duplicate_window = opts.number("duplicate_window", 120.0, minimum=0, exclusive=True)
         self._ack_timeout = opts.number("ack_timeout", 10.0, minimum=0, exclusive=True)
         self._window = opts.integer("window", 256, minimum=1)
         self._connect_timeout = opts.number("connect_timeout", 5.0, minimum=0, exclusive=True)
         opts.finish()
-        try:
-            self._template.format(mount="m")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(opts.key("subject"), f"bad template {self._template!r}") from exc
-        if "{mount}" not in self._template:
-            raise ConfigError(opts.key("subject"), "template must contain {mount}")
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._health = Health(ok=True)
-        self._subject_cache: dict[str, str] = {}
         self._log = _log.bind(sink=name, stream=self._stream)
-
-    def subject(self, mount: str) -> str:
-        """The subject an event of ``mount`` is published to (``""``: service-wide)."""
-        subject = self._subject_cache.get(mount)
-        if subject is None:
-            if mount:
-                subject = self._template.format(mount=subject_token(mount))
-            else:
-                subject = self._service_subject
-            self._subject_cache[mount] = subject
-        return subject
 
     async def open(self) -> None:
         """Connect and create the stream, or check the one that exists.

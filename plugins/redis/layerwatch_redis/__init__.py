@@ -31,7 +31,7 @@ import redis.asyncio
 import redis.exceptions
 import structlog
 
-from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
+from watcher.errors import SinkRejected, SinkUnavailable
 from watcher.events import Record
 from watcher.plugins import Options
 from watcher.sinks import Health
@@ -59,24 +59,16 @@ class RedisSink:
         self.name = name
         opts = Options(name, options)
         self._url = opts.string("url", "redis://127.0.0.1:6379/0")
-        self._template = opts.string("stream", "layerwatch:{mount}")
-        self._service_stream = opts.string("service_stream", "layerwatch:_service")
+        self.stream = opts.mount_names(
+            "stream", "layerwatch:{mount}", "service_stream", "layerwatch:_service"
+        )
+        """The stream key an event of a mount is appended to (``""``: service-wide)."""
         self._maxlen = opts.integer("maxlen", 0, minimum=1) if "maxlen" in options else None
         self._timeout = opts.number("timeout", 10.0, minimum=0, exclusive=True)
         opts.finish()
-        try:
-            self._template.format(mount="m")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(opts.key("stream"), f"bad template {self._template!r}") from exc
-        if "{mount}" not in self._template:
-            raise ConfigError(opts.key("stream"), "template must contain {mount}")
         self._client: redis.asyncio.Redis | None = None
         self._health = Health(ok=True)
         self._log = _log.bind(sink=name)
-
-    def stream(self, mount: str) -> str:
-        """The stream key an event of ``mount`` is appended to (``""``: service-wide)."""
-        return self._template.format(mount=mount) if mount else self._service_stream
 
     async def open(self) -> None:
         """Connect and check the server answers.

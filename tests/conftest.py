@@ -17,10 +17,8 @@ from overlay import Overlay, mount_overlay, requires_overlay
 
 _SHARED_CASES = Path(__file__).resolve().parents[2] / "shared/conformance/cases.json"
 CASES_FILE = Path(
-    os.environ.get(
-        "LAYERWATCH_CASES",
-        _SHARED_CASES if _SHARED_CASES.is_file() else Path(__file__).parent / "data/cases.json",
-    )
+    os.environ.get("LAYERWATCH_CASES")
+    or (_SHARED_CASES if _SHARED_CASES.is_file() else Path(__file__).parent / "data/cases.json")
 )
 """The public conformance cases (DESIGN section 2): the team's shared copy beside the checkout
 when there is one, else the copy in ``tests/data``; ``LAYERWATCH_CASES`` overrides both."""

@@ -261,7 +261,7 @@ class CasesLower(TrackerMachine):
         """One operation, then the invariant."""
         self._do(op)
 
-    @rule(burst=st.lists(ops(CASES_POOL), min_size=5, max_size=40))
+    @rule(burst=st.lists(ops(CASES_POOL), min_size=5, max_size=25))
     def burst(self, burst: list[tuple[Any, ...]]) -> None:
         """Many operations with no sync in between."""
         for op in burst:
@@ -281,7 +281,7 @@ class StackLower(TrackerMachine):
         """One operation, then the invariant."""
         self._do(op)
 
-    @rule(burst=st.lists(ops(STACK_POOL), min_size=5, max_size=40))
+    @rule(burst=st.lists(ops(STACK_POOL), min_size=5, max_size=25))
     def burst(self, burst: list[tuple[Any, ...]]) -> None:
         """Many operations with no sync in between."""
         for op in burst:
@@ -289,7 +289,7 @@ class StackLower(TrackerMachine):
 
 
 MACHINE = settings(
-    max_examples=int(os.environ.get("LW_PROP_EXAMPLES", "12")),
+    max_examples=int(os.environ.get("LW_PROP_EXAMPLES", "80")),
     stateful_step_count=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -244,7 +244,9 @@ class Operator:
         dirs, files = [self.root], []
         for parent, dirnames, filenames in os.walk(self.root):
             dirs += [Path(parent, d) for d in dirnames]
-            files += [Path(parent, f) for f in filenames]
+            # Symlinks from the lower are left alone: moved elsewhere they dangle, and
+            # append or chmod would follow them.
+            files += [Path(parent, f) for f in filenames if not Path(parent, f).is_symlink()]
         return dirs, files
 
     def _name(self) -> str:

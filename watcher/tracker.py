@@ -131,6 +131,7 @@ class Tracker:
         self._wd_path: dict[int, bytes] = {}
         self._unwatched: set[bytes] = set()
         self._out: list[Item] = []
+        self._quiet = False
         self.degraded: str | None = None
         self._log = log.bind(mount=mount)
 
@@ -165,8 +166,11 @@ class Tracker:
             self._rescan()
             reason = "restart"
         else:
-            self._scan_tree(b"/", self.rules.root(), os.lstat(self.upper).st_ino, Op.SNAPSHOT)
-            self._out.clear()  # the snapshot below says it all
+            self._quiet = True  # the snapshot below says it all: no transitions, no lstat
+            try:
+                self._scan_tree(b"/", self.rules.root(), os.lstat(self.upper).st_ino, Op.SNAPSHOT)
+            finally:
+                self._quiet = False
         self._snapshot(reason)
         return self.take()
 
@@ -381,6 +385,8 @@ class Tracker:
     def _emit(
         self, path: bytes, kind: Kind | None, prev: Kind | None, op: Op, st: os.stat_result | None
     ) -> None:
+        if self._quiet:
+            return
         if st is None and kind is not None and kind is not Kind.DELETED:
             st = self._lstat(path)
         if kind is Kind.DELETED or kind is None:

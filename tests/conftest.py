@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from hypothesis import settings
-from overlay import Overlay, mount_overlay, requires_overlay
+from overlay import Overlay, build_lower, mount_overlay, requires_overlay
 
 _SHARED_CASES = Path(__file__).resolve().parents[2] / "shared/conformance/cases.json"
 CASES_FILE = Path(
@@ -47,6 +47,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 ``HYPOTHESIS_PROFILE=explore`` searches wider with fresh randomness."""
 
 OverlayFactory = Callable[[Sequence[str]], Overlay]
+
+
+@pytest.fixture
+def lower(tmp_path: Path) -> str:
+    """The conformance cases' lower tree (``cases.json``), freshly built under ``tmp_path``."""
+    path = tmp_path / "lower"
+    path.mkdir()
+    build_lower(str(path), load_cases()["lower"])
+    return str(path)
 
 
 @pytest.fixture

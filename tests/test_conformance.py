@@ -16,7 +16,6 @@ import pytest
 from conftest import CASES_FILE, load_cases
 from oracle import changes_dirs, lines
 from overlay import (
-    build_lower,
     mount_base,
     mount_overlay,
     requires_overlay,
@@ -40,15 +39,6 @@ def case(request: pytest.FixtureRequest) -> dict[str, Any]:
     """One conformance case."""
     value: dict[str, Any] = request.param
     return value
-
-
-@pytest.fixture
-def lower(tmp_path: Path) -> str:
-    """The cases' shared lower tree, freshly built."""
-    path = tmp_path / "lower"
-    path.mkdir()
-    build_lower(str(path), CASES["lower"])
-    return str(path)
 
 
 def test_case_matches_docker(case: dict[str, Any], lower: str, tmp_path: Path) -> None:

@@ -29,7 +29,6 @@ from overlay import (
     LayerEntry,
     Overlay,
     build_layer,
-    build_lower,
     mount_base,
     mount_overlay,
     requires_overlay,
@@ -209,15 +208,6 @@ def _assert_round_trip(ovl: Overlay, tmp_path: Path, *, whiteouts: str = "overla
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture
-def lower(tmp_path: Path) -> str:
-    """The conformance cases' lower tree, freshly built."""
-    path = tmp_path / "lower"
-    path.mkdir()
-    build_lower(str(path), CASES["lower"])
-    return str(path)
 
 
 @pytest.fixture

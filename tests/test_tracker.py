@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import OverlayFactory, load_cases
 from live import LiveMount, as_list, replay
-from overlay import Overlay, build_lower, requires_overlay, run_ops
+from overlay import Overlay, requires_overlay, run_ops
 
 from watcher.changes import Kind, Op, Transition, compute
 from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
@@ -24,15 +23,6 @@ from watcher.tracker import Control, Item
 pytestmark = [requires_overlay, pytest.mark.root]
 
 CASES = load_cases()
-
-
-@pytest.fixture
-def lower(tmp_path: Path) -> str:
-    """The conformance lower tree, freshly built."""
-    path = tmp_path / "lower"
-    path.mkdir()
-    build_lower(str(path), CASES["lower"])
-    return str(path)
 
 
 @pytest.fixture

@@ -295,8 +295,15 @@ class Tracker:
                 children = self.rules.scan(directory, dstate)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone already: the parent's hint will drop it
+            # A D found by a scan is a whiteout, or (in a directory that hides B) a lower name
+            # the opaque flag hides; ops of live hints (rescan, snapshot) stay as they are.
+            hidden = dstate.base is not None and dstate.origin != directory
+            deleted = op
+            if op in (Op.CREATE, Op.MOVE):
+                deleted = Op.OPAQUE if hidden else Op.WHITEOUT
             for child in children:
-                self._set_own(child.path, child.kind, op, child.st, activity=False)
+                child_op = deleted if child.kind is Kind.DELETED else op
+                self._set_own(child.path, child.kind, child_op, child.st, activity=False)
                 if child.dir is not None:
                     stack.append((child.path, child.dir, child.ino))
 

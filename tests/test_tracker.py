@@ -257,3 +257,21 @@ async def test_events_valid_against_schema(live: LiveMount, ovl: Overlay) -> Non
 
 async def _noop() -> None:
     return None
+
+
+async def test_deletes_say_whiteout_or_opaque(live: LiveMount, ovl: Overlay) -> None:
+    """A deleted lower file comes out as op whiteout; names hidden by an opaque dir as opaque."""
+    mark = len(live.batches)
+    run_ops(ovl.merged, "rm data/file1")
+    await live.sync()
+    run_ops(ovl.merged, "rm -rf data/sub && mkdir data/sub")
+    await live.sync()
+    ops = {
+        t.path: t.op
+        for t in _transitions(_batches_since(live, mark))
+        if t.kind is Kind.DELETED and t.prev_kind is None
+    }
+    assert ops[b"/data/file1"] is Op.WHITEOUT
+    assert ops[b"/data/sub/a"] is Op.OPAQUE
+    assert ops[b"/data/sub/deep"] is Op.OPAQUE
+    live.check()

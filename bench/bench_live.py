@@ -119,11 +119,26 @@ def generate(root: str, ops: int, rate: float, fresh: bool) -> None:
     print(json.dumps({"seconds": end - start, "end": end, "done": done}))
 
 
+GENERATOR: list[str] = []
+"""The load generator's argv prefix: this script (Python) or the compiled ``loadgen.c``."""
+
+
+def use_c_generator() -> None:
+    """Compile ``loadgen.c`` (the same workload in C) and generate load with it."""
+    out = os.path.join(tempfile.mkdtemp(prefix="lw-loadgen-"), "loadgen")
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loadgen.c")
+    subprocess.run(["cc", "-O2", "-Wno-format-truncation", "-o", out, source], check=True)
+    GENERATOR[:] = [out]
+
+
 def run_generator(
     root: str, ops: int, rate: float = 0, fresh: bool = False
 ) -> subprocess.Popen[str]:
     """Start the generator process."""
-    argv = [sys.executable, __file__, "--generate", root, str(ops), str(rate)]
+    if GENERATOR and not fresh:
+        argv = [*GENERATOR, root, str(ops), str(rate)]
+    else:
+        argv = [sys.executable, __file__, "--generate", root, str(ops), str(rate)]
     if fresh:
         argv.append("--fresh")
     return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -132,17 +147,27 @@ def run_generator(
 # -- the tracker side ------------------------------------------------------------------------
 
 
+TMPFS: list[bool] = [False]
+"""Whether the branches live on a tmpfs (``--tmpfs``): the disk is not the limit then."""
+
+
 @contextlib.contextmanager
 def mounted() -> Iterator[Overlay]:
     """A fresh overlay over the conformance lower, with the 20 work directories made."""
     with tempfile.TemporaryDirectory(prefix="lw-bench-live-") as tmp:
-        lower = os.path.join(tmp, "lower")
-        os.mkdir(lower)
-        overlay.build_lower(lower, conftest.load_cases()["lower"])
-        with overlay.mount_overlay(tmp, [lower]) as ovl:
-            for k in range(DIRS):
-                os.mkdir(f"{ovl.merged}/d{k}")
-            yield ovl
+        if TMPFS[0]:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g", "tmpfs", tmp], check=True)
+        try:
+            lower = os.path.join(tmp, "lower")
+            os.mkdir(lower)
+            overlay.build_lower(lower, conftest.load_cases()["lower"])
+            with overlay.mount_overlay(tmp, [lower]) as ovl:
+                for k in range(DIRS):
+                    os.mkdir(f"{ovl.merged}/d{k}")
+                yield ovl
+        finally:
+            if TMPFS[0]:
+                subprocess.run(["umount", tmp], check=True)
 
 
 class Live:
@@ -449,6 +474,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", type=float, nargs="*", default=[10_000, 25_000, 50_000])
     parser.add_argument("--entries", type=int, default=100_000, help="entries for memory")
     parser.add_argument(
+        "--generator",
+        choices=["python", "c"],
+        default="python",
+        help="the load generator: this script, or loadgen.c compiled with cc (faster)",
+    )
+    parser.add_argument(
+        "--tmpfs",
+        action="store_true",
+        help="keep the branches on a tmpfs (the disk is not the limit)",
+    )
+    parser.add_argument(
         "--generate", nargs=3, metavar=("ROOT", "OPS", "RATE"), help=argparse.SUPPRESS
     )
     parser.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)
@@ -460,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench_live needs root (it mounts overlayfs)", file=sys.stderr)
         return 2
+    if args.generator == "c":
+        use_c_generator()
+    TMPFS[0] = args.tmpfs
     asyncio.run(run(args))
     return 0
 

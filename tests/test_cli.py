@@ -306,11 +306,6 @@ def test_watch_missing_upper_is_one_error_line(tmp_path: Path) -> None:
     assert str(tmp_path / "no-upper") in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.main formats OSError.filename as given; watch's is bytes, so the line reads "
-    "\"No such file or directory: b'/path'\" instead of the path",
-)
 def test_watch_missing_upper_names_the_path_as_text(tmp_path: Path) -> None:
     """watch with a missing --upper names the path as text, not as a Python bytes literal."""
     (tmp_path / "lower").mkdir()
@@ -318,11 +313,6 @@ def test_watch_missing_upper_names_the_path_as_text(tmp_path: Path) -> None:
     assert "b'" not in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli._cmd_export opens -o FILE for writing before the layers are checked, so a bad "
-    "--upper truncates an existing FILE",
-)
 def test_export_with_a_bad_upper_leaves_the_output_file_alone(tmp_path: Path) -> None:
     """export -o FILE with a missing --upper fails without truncating FILE."""
     (tmp_path / "lower").mkdir()

@@ -91,13 +91,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     fs = _filesystem(args)
-    out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
-    try:
-        count = fs.tar(out) if args.rootfs else fs.export_diff(out)
-        out.flush()
-    finally:
-        if out is not sys.stdout.buffer:
-            out.close()
+    write = fs.tar if args.rootfs else fs.export_diff
+    if args.output == "-":
+        count = write(sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    else:
+        # Into a temporary file beside the output, renamed over it only when complete: a
+        # failed export never truncates what was there.
+        tmp = f"{args.output}.partial-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as out:
+                count = write(out)
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
     print(f"layerwatch: wrote {count} entries", file=sys.stderr)
     return 0
 
@@ -208,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"layerwatch: error: {exc}", file=sys.stderr)
         return 1
     except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
-        print(f"layerwatch: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        name = os.fsdecode(exc.filename) if exc.filename is not None else "?"
+        print(f"layerwatch: error: {exc.strerror}: {name}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 141

@@ -285,7 +285,8 @@ class Service:
             async for change in changes:
                 found = change.mount
                 name = discovered_name(found)
-                if change.event is MountEvent.APPEARED and name not in self.mounts:
+                followed = any(s.tracker.upper == found.upper for s in self.mounts.values())
+                if change.event is MountEvent.APPEARED and not followed:
                     mount = MountConfig(name=name, mountpoint=Path(os.fsdecode(found.mountpoint)))
                     fs = Filesystem(found.lowers, found.upper, found.mountpoint, work=found.work)
                     try:

@@ -12,7 +12,7 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -38,16 +38,21 @@ Item = Transition | Control
 """What a tracker emits: transitions and control events, in order."""
 
 
-class WatchOps:
+class WatchOps(Protocol):
     """What a tracker needs from the shared inotify instance (the hub implements it)."""
 
     def add(self, tracker: Tracker, path: bytes) -> int:
-        """Watch U's directory ``path`` for ``tracker``; returns the wd."""
-        raise NotImplementedError
+        """Watch U's directory ``path`` for ``tracker``; returns the wd.
+
+        Raises:
+            WatchLimitError: ``fs.inotify.max_user_watches`` is reached.
+            WatchError: the directory is gone (or cannot be watched).
+        """
+        ...
 
     def remove(self, tracker: Tracker, wd: int) -> None:
-        """Stop watching ``wd``."""
-        raise NotImplementedError
+        """Stop watching ``wd`` (a wd the kernel already dropped is fine)."""
+        ...
 
 
 @dataclass(slots=True)

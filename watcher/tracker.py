@@ -261,28 +261,20 @@ class Tracker:
         except NotADirectoryError:
             return
         old = self._dirs.get(path)
-        new_ino = child.ino
-        if child.dir is not None and child.kind is Kind.DELETED:
-            raise AssertionError("a deleted entry has no directory")
-        replaced = (
-            (
-                child.dir is None
-                or child.dir != old.state
-                or new_ino != old.ino
-                or op in _STRUCTURAL  # inode numbers are reused: a new dir may look like the old
-                or (old.state.in_upper and old.wd is None)  # the kernel dropped its watch
-            )
-            if old is not None
-            else False
-        )
-        if old is not None and replaced:
+        if old is not None and (
+            child.dir is None
+            or child.dir != old.state
+            or child.ino != old.ino
+            or op in _STRUCTURAL  # inode numbers are reused: a new dir may look like the old
+            or (old.state.in_upper and old.wd is None)  # the kernel dropped its watch
+        ):
             self._drop_tree(path, op)
             old = None
         if child.kind is Kind.DELETED and op in (Op.CREATE, Op.MOVE):
             op = Op.WHITEOUT
         self._set_own(path, child.kind, op, child.st, activity=True)
         if child.dir is not None and old is None:
-            self._scan_tree(path, child.dir, new_ino, Op.CREATE if op is not Op.RESCAN else op)
+            self._scan_tree(path, child.dir, child.ino, Op.CREATE if op is not Op.RESCAN else op)
 
     def _scan_tree(self, path: bytes, state: DirState, ino: int, op: Op) -> None:
         """Watch first, then list; for ``path`` and every directory below it."""

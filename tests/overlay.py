@@ -19,7 +19,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -126,6 +126,22 @@ def whiteout(path: bytes | str) -> None:
 def make_opaque(path: bytes | str) -> None:
     """Mark the directory ``path`` opaque the overlay way (``trusted.overlay.opaque=y``)."""
     os.setxattr(path, OPAQUE_XATTR, b"y", follow_symlinks=False)
+
+
+def placeable(chosen: Mapping[bytes, str]) -> list[tuple[bytes, str]]:
+    """The (path, kind) pairs of ``chosen`` that can exist together in one layer, parents
+    first: a path below anything but a directory (``dir`` or ``opaque``) is left out."""
+    kept: list[tuple[bytes, str]] = []
+    blocked: set[bytes] = set()
+    for path in sorted(chosen, key=lambda p: p.count(b"/")):
+        parts = path.split(b"/")
+        if any(b"/".join(parts[:i]) in blocked for i in range(1, len(parts))):
+            continue
+        kind = chosen[path]
+        if kind not in ("dir", "opaque"):
+            blocked.add(path)
+        kept.append((path, kind))
+    return kept
 
 
 def build_layer(root: str, entries: Sequence[LayerEntry]) -> None:

@@ -32,6 +32,7 @@ from overlay import (
     build_layer,
     mount_base,
     mount_overlay,
+    placeable,
     requires_overlay,
     to_aufs,
 )
@@ -78,14 +79,7 @@ def layer(draw: st.DrawFn, paths: list[bytes], kinds: Sequence[str]) -> list[Lay
         st.dictionaries(st.sampled_from(paths), st.sampled_from(kinds), min_size=2, max_size=14)
     )
     entries: list[LayerEntry] = []
-    blocked: set[bytes] = set()
-    for path in sorted(chosen, key=lambda p: p.count(b"/")):
-        parts = path.split(b"/")
-        if any(b"/".join(parts[:i]) in blocked for i in range(1, len(parts))):
-            continue
-        kind = chosen[path]
-        if kind not in ("dir", "opaque"):
-            blocked.add(path)
+    for path, kind in placeable(chosen):
         if kind == "capfile":
             entries.append(
                 LayerEntry("file", path, data=b"cap", capability=draw(st.sampled_from(CAPS)))

@@ -30,7 +30,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 from live import LiveMount
-from overlay import LayerEntry, build_layer, build_lower, mount_overlay, requires_overlay
+from overlay import (
+    LayerEntry,
+    build_layer,
+    build_lower,
+    mount_overlay,
+    placeable,
+    requires_overlay,
+)
 
 pytestmark = [requires_overlay, pytest.mark.root]
 
@@ -183,14 +190,7 @@ def stack_layers(draw: st.DrawFn) -> list[list[LayerEntry]]:
 def _layer(draw: st.DrawFn, kinds: tuple[str, ...]) -> list[LayerEntry]:
     chosen = draw(st.dictionaries(st.sampled_from(STACK_POOL), st.sampled_from(kinds), max_size=9))
     entries: list[LayerEntry] = []
-    blocked: set[bytes] = set()
-    for path in sorted(chosen, key=lambda p: p.count(b"/")):
-        parts = path.split(b"/")
-        if any(b"/".join(parts[:i]) in blocked for i in range(1, len(parts))):
-            continue
-        kind = chosen[path]
-        if kind not in ("dir", "opaque"):
-            blocked.add(path)
+    for path, kind in placeable(chosen):
         data = draw(st.sampled_from(DATA)) if kind in ("file", "symlink") else b""
         if kind == "symlink":
             data = data or b"a"

@@ -7,16 +7,19 @@ the sync barrier and checks the list (against ``compute``) and the published eve
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import structlog
 from conftest import OverlayFactory, load_cases
 from live import LiveMount, as_list, replay
 from overlay import Overlay, requires_overlay, run_ops
 
-from watcher.changes import Kind, Op, Transition, compute
+from watcher.changes import Child, DirState, Kind, Op, Transition, compute
 from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.tracker import Control, Item
 
@@ -275,3 +278,38 @@ async def test_deletes_say_whiteout_or_opaque(live: LiveMount, ovl: Overlay) -> 
     assert ops[b"/data/sub/a"] is Op.OPAQUE
     assert ops[b"/data/sub/deep"] is Op.OPAQUE
     live.check()
+
+
+async def test_a_failing_reconcile_degrades_then_resyncs(
+    ovl: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error while reconciling (injected: no real disk fails on demand) degrades the
+    mount instead of stopping the hub; a resync recovers it, and nothing is lost."""
+    mount = LiveMount("m", ovl.upper, ovl.lowers, rescan_interval=0.1)
+    await mount.start()
+    try:
+        real_child = mount.tracker.rules.child
+        failures = iter([OSError(errno.EIO, "injected I/O error")])
+
+        def child(parent: bytes, state: DirState, name: bytes) -> Child:
+            error = next(failures, None)
+            if error is not None:
+                raise error
+            return real_child(parent, state, name)
+
+        monkeypatch.setattr(mount.tracker.rules, "child", child)
+        with structlog.testing.capture_logs() as logs:
+            run_ops(ovl.merged, "echo new > data/new")
+            async with asyncio.timeout(10):  # recovered by the next rescan tick (0.1 s)
+                while not mount.controls(RESYNC):  # noqa: ASYNC110 (the hub's own tick)
+                    await asyncio.sleep(0.02)
+            run_ops(ovl.merged, "echo more >> data/file2")
+            await mount.sync()
+        assert mount.tracker.degraded is None
+        assert any(e["event"] == "tracker_failed" and e["mount"] == "m" for e in logs)
+        resyncs = [c.data["reason"] for c in mount.controls(RESYNC)]
+        assert resyncs == ["error"]
+        await mount.sync()
+        mount.check()  # list == compute, and the replay (with the snapshot) == compute
+    finally:
+        await mount.stop()

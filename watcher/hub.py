@@ -10,6 +10,7 @@ event was read and everything read before it was reconciled and published.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import shutil
@@ -123,9 +124,23 @@ class Hub(WatchOps):
                     events = await self._inotify.read()
             except TimeoutError:
                 for tracker in degraded:
-                    await self._publish(tracker, tracker.rescan())
+                    await self._publish(tracker, self._guard(tracker, tracker.recover))
                 continue
             await self.process(events)
+
+    def _guard(self, tracker: Tracker, work: Callable[[], list[Item]]) -> list[Item]:
+        """Run one tracker's work; a failure degrades that mount, never the others.
+
+        The mount is marked degraded (reason ``error``) and recovered by a resync on the
+        next rescan tick, so consumers get a snapshot instead of a silent gap.
+        """
+        try:
+            return work()
+        except Exception as exc:
+            tracker.take()  # half-made items: the resync replaces them
+            tracker.degraded = f"error: {exc}"
+            log.exception("tracker_failed", mount=tracker.mount, error=str(exc))
+            return []
 
     async def process(self, events: list[RawEvent]) -> None:
         """Handle one drain of the inotify fd."""
@@ -162,15 +177,17 @@ class Hub(WatchOps):
             # began before this rescan, so the rescan covers it.
             cookies.extend(self._cookies)
             for tracker in list(self.trackers.values()):
-                await self._publish(tracker, tracker.resync("overflow"))
+                items = self._guard(tracker, functools.partial(tracker.resync, "overflow"))
+                await self._publish(tracker, items)
         else:
             for tracker, paths in dirty.items():
-                if tracker.mount in self.trackers:
-                    await self._publish(tracker, tracker.reconcile(paths))
+                if tracker.mount in self.trackers and not tracker.degraded_by_error:
+                    items = self._guard(tracker, functools.partial(tracker.reconcile, paths))
+                    await self._publish(tracker, items)
         if cookies:
             for tracker in list(self.trackers.values()):
                 if tracker.degraded:
-                    await self._publish(tracker, tracker.rescan())
+                    await self._publish(tracker, self._guard(tracker, tracker.recover))
             for name in cookies:
                 future = self._cookies.pop(name, None)
                 if future is not None and not future.done():

@@ -230,6 +230,21 @@ class Tracker:
         self._rescan()
         return self.take()
 
+    @property
+    def degraded_by_error(self) -> bool:
+        """Whether a failure (not the watch limit) degraded this mount."""
+        return self.degraded is not None and self.degraded.startswith("error")
+
+    def recover(self) -> list[Item]:
+        """A degraded mount's periodic work: after a failure, a resync (then healthy again);
+        at the watch limit, a rescan that also retries the missing watches."""
+        if self.degraded_by_error:
+            items = self.resync("error")
+            self.degraded = None
+            self._log.info("tracker_recovered")
+            return items
+        return self.rescan()
+
     # -- internals -------------------------------------------------------------------------
 
     def _snapshot(self, reason: str) -> None:

@@ -170,3 +170,38 @@ async def test_watch_limit_recovers_after_unwatched_dirs_are_gone(ovl: Overlay) 
         live.check()
     finally:
         await live.stop()
+
+
+async def test_degraded_rescans_keep_their_clock_under_steady_traffic(ovl: Overlay) -> None:
+    """Writes to watched files every 50 ms (shorter than the rescan interval) do not postpone
+    the degraded mount's periodic rescan: a change in an unwatched dir still shows up."""
+    live = LiveMount("m", ovl.upper, ovl.lowers, rescan_interval=0.3)
+    await live.start()
+    noise_path = os.path.join(ovl.merged, "noise")  # in /, which is always watched
+
+    async def noise() -> None:
+        while True:
+            await asyncio.to_thread(run_ops, ovl.merged, f"echo n >> '{noise_path}'")
+            await asyncio.sleep(0.05)
+
+    try:
+        with sysctl("max_user_watches", watches_in_use() + 3):
+            run_ops(ovl.merged, "mkdir -p " + " ".join(f"t/d{i}/e" for i in range(40)))
+            await live.sync()
+            assert live.tracker.degraded == "watch_limit"
+            writer = asyncio.create_task(noise())
+            try:
+                unwatched = sorted(live.tracker._unwatched)  # the tracker's own record
+                assert unwatched
+                want = unwatched[-1] + b"/late"
+                with open(ovl.merged.encode() + want, "wb") as f:  # noqa: ASYNC230
+                    f.write(b"late")
+                async with asyncio.timeout(5):  # without any sync: only the periodic rescan
+                    while want not in live.tracker.kinds:  # noqa: ASYNC110 (the hub's task)
+                        await asyncio.sleep(0.05)
+            finally:
+                writer.cancel()
+        await live.sync()
+        live.check()
+    finally:
+        await live.stop()

@@ -114,17 +114,29 @@ class Hub(WatchOps):
             tracker.close()
 
     async def run(self) -> None:
-        """Read, reconcile and publish until cancelled."""
+        """Read, reconcile and publish until cancelled.
+
+        Degraded mounts are recovered every ``rescan_interval`` on a deadline of their own, so
+        steady traffic on other mounts (or on their watched part) cannot postpone it.
+        """
+        loop = asyncio.get_running_loop()
+        next_rescan = loop.time() + self.rescan_interval
         while True:
             degraded = [t for t in self.trackers.values() if t.degraded]
-            try:
-                if degraded:
-                    events = await asyncio.wait_for(self._inotify.read(), self.rescan_interval)
-                else:
-                    events = await self._inotify.read()
-            except TimeoutError:
+            if degraded and loop.time() >= next_rescan:
                 for tracker in degraded:
                     await self._publish(tracker, self._guard(tracker, tracker.recover))
+                degraded = [t for t in self.trackers.values() if t.degraded]
+            if not degraded:
+                next_rescan = loop.time() + self.rescan_interval
+                await self.process(await self._inotify.read())
+                continue
+            if loop.time() >= next_rescan:
+                next_rescan = loop.time() + self.rescan_interval
+            try:
+                async with asyncio.timeout_at(next_rescan):
+                    events = await self._inotify.read()
+            except TimeoutError:
                 continue
             await self.process(events)
 

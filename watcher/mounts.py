@@ -329,8 +329,9 @@ class Filesystem:
                 f"fuse-overlayfs failed: {result.stderr.decode(errors='replace').strip()}"
             )
 
-    def umount(self, *, attempts: int = 10, delay: float = 0.05) -> None:
-        """Unmount, retrying while the mount is busy.
+    def umount(self, *, attempts: int = 8, delay: float = 0.05, max_delay: float = 1.0) -> None:
+        """Unmount, retrying while the mount is busy (doubling delays, each at most
+        ``max_delay``: about 3.5 s in all by default).
 
         Raises:
             MountError: still busy after ``attempts`` tries, or not mounted.
@@ -343,7 +344,8 @@ class Filesystem:
                 raise MountError(f"{os.fsdecode(self.mountpoint)} is not mounted")
             if err != errno.EBUSY:
                 raise MountError(f"umount {os.fsdecode(self.mountpoint)}: {os.strerror(err)}")
-            time.sleep(delay * (2**attempt))
+            if attempt + 1 < attempts:
+                time.sleep(min(max_delay, delay * (2**attempt)))
         raise MountError(
             f"{os.fsdecode(self.mountpoint)} is still busy after {attempts} attempts "
             "(a process has a file open or its working directory inside)"

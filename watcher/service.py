@@ -204,9 +204,9 @@ class Service:
                 for task in (reader, ticker, api_task, finder):
                     if task is not None:
                         task.cancel()
-                await self.publisher.bookmark()
-                try:
+                try:  # a failing spool must not hold the stop: both under the deadline
                     async with asyncio.timeout(self.config.shutdown_timeout):
+                        await self.publisher.bookmark()
                         await intake.flush()
                 except TimeoutError:
                     log.error("intake_flush_timeout", pending=intake.pending, error=intake.error)
@@ -231,7 +231,7 @@ class Service:
             if info is not None and info.fstype == "overlay" and info.overlay_dirs()[0] == fs.rw:
                 log.info("mount_adopted", mount=mount.name)  # left by a run that was killed
                 mounted_by_us = True  # still managed: unmounted at stop, like any other
-                stack.callback(fs.umount)
+                stack.push_async_callback(self._umount, mount.name, fs)
             elif info is not None:
                 raise MountError(
                     f"mounts: {mount.name}: {os.fsdecode(fs.mountpoint)} already has a "
@@ -240,8 +240,16 @@ class Service:
             else:
                 fs.mount()
                 mounted_by_us = True
-                stack.callback(fs.umount)
+                stack.push_async_callback(self._umount, mount.name, fs)
         await self._follow(mount, fs, hub, spool, mounted_by_us=mounted_by_us)
+
+    async def _umount(self, name: str, fs: Filesystem) -> None:
+        """Unmount a managed mount at stop, off the event loop; a busy one is left mounted
+        (the next start adopts it) and said so."""
+        try:
+            await asyncio.to_thread(fs.umount)
+        except MountError as exc:
+            log.error("umount_failed", mount=name, error=str(exc))
 
     async def _follow(
         self,

@@ -174,6 +174,9 @@ def test_reads_stay_inside_the_root(fs: Filesystem) -> None:
     assert names == [b"hosts", b"motd"]
     with pytest.raises(PathError):
         fs.open_file("/etc")  # a directory is not a file
+    os.mkfifo(merged / "pipe")
+    with pytest.raises(PathError, match="not a regular file"):
+        fs.open_file("/pipe")  # refused at once: opening it must not wait for a writer
 
 
 def test_aufs_is_refused_where_the_kernel_lacks_it(tmp_path: Path) -> None:

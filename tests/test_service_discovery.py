@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,35 @@ async def test_discovery_follows_and_releases_without_doubling(tmp_path: Path) -
             service.stop.set()
             await asyncio.wait_for(task, 30)
         assert await asyncio.to_thread(os.path.ismount, first.merged), "attached: left mounted"
+
+
+async def test_uppers_on_separate_filesystems_are_told_apart(tmp_path: Path) -> None:
+    """Two overlays whose uppers have the same inode number on different tmpfs get two names;
+    one going away, its tmpfs with it, is released and the service keeps running."""
+    config = parse(
+        {
+            "discovery": {"mountpoint_glob": f"{tmp_path}/*/merged", "interval": "0.2s"},
+            "spool": {"path": str(tmp_path / "spool.db")},
+        }
+    )
+    stacks = {name: contextlib.ExitStack() for name in ("a", "b")}
+    with stacks["a"], stacks["b"]:
+        for name, stack in stacks.items():
+            base = tmp_path / name
+            base.mkdir()
+            mount = ["mount", "-t", "tmpfs", "tmpfs", str(base)]
+            await asyncio.to_thread(subprocess.run, mount, check=True)
+            stack.callback(subprocess.run, ["umount", "-l", str(base)], check=False)
+            stack.enter_context(mount_overlay(str(base), [_lower(tmp_path / f"l{name}")]))
+        service = Service(config)
+        task = asyncio.create_task(service.run(signals=False))
+        try:
+            async with asyncio.timeout(30):
+                await service.started.wait()
+            await _until(service, 2)
+            await asyncio.to_thread(stacks["a"].close)  # the overlay, then its upper's tmpfs
+            await _until(service, 1)
+            assert not task.done()
+        finally:
+            service.stop.set()
+            await asyncio.wait_for(task, 30)

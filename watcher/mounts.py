@@ -418,7 +418,9 @@ class Filesystem:
         Raises:
             PathError: ``..`` in the path, missing, or not a regular file.
         """
-        fd = self._open_in_root(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO someone made in the container must not block; the type
+        # check below refuses it (the flag changes nothing for a regular file's reads).
+        fd = self._open_in_root(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise PathError(f"{os.fsdecode(os.fsencode(path))} is not a regular file")

@@ -74,12 +74,18 @@ def filesystem_for(mount: MountConfig) -> Filesystem:
 
 def discovered_name(found: Discovered) -> str:
     """A discovered mount's name: ``docker-<container id[:12]>`` and the like, stable across
-    restarts (so its persisted list is found again), else ``overlay-<upper dir's inode>``."""
+    restarts (so its persisted list is found again), else ``overlay-<dev>-<inode>`` of its
+    upper dir.
+
+    Raises:
+        OSError: the upper dir is gone already.
+    """
     labels = found.labels
     ident = labels.get("container_id") or labels.get("layer_id")
     if ident:
         return f"{labels.get('runtime', 'overlay')}-{ident[:12]}"
-    return f"overlay-{os.stat(found.upper).st_ino}"
+    st = os.stat(found.upper)
+    return f"overlay-{st.st_dev:x}-{st.st_ino}"
 
 
 @dataclass(slots=True)
@@ -289,24 +295,36 @@ class Service:
             interval=discovery.interval,
             mountinfo=str(discovery.mountinfo),
         )
+        names: dict[int, str] = {}  # kernel mount id -> the name it was followed under
         async with contextlib.aclosing(source.changes()) as changes:
             async for change in changes:
                 found = change.mount
-                name = discovered_name(found)
-                followed = any(s.tracker.upper == found.upper for s in self.mounts.values())
-                if change.event is MountEvent.APPEARED and not followed:
+                if change.event is MountEvent.DISAPPEARED:
+                    name = names.pop(found.mount_id, None)
+                    if name is not None and name in self.mounts:
+                        await hub.detach(name)
+                        del self.mounts[name]
+                        self.publisher.labels.pop(name, None)
+                        await asyncio.to_thread(spool.drop_list, name)
+                        log.info("mount_released", mount=name, **found.labels)
+                    continue
+                if any(s.tracker.upper == found.upper for s in self.mounts.values()):
+                    continue  # followed already (a [[mounts]] entry names it)
+                try:
+                    name = discovered_name(found)
+                    if name in self.mounts:
+                        raise MountError(f"the name {name!r} is taken by another mount")
                     mount = MountConfig(name=name, mountpoint=Path(os.fsdecode(found.mountpoint)))
                     fs = Filesystem(found.lowers, found.upper, found.mountpoint, work=found.work)
-                    try:
-                        await self._follow(mount, fs, hub, spool, labels=found.labels)
-                    except (OSError, LayerwatchError) as exc:  # gone again before we looked
-                        log.warning("mount_follow_failed", mount=name, error=str(exc))
-                elif change.event is MountEvent.DISAPPEARED and name in self.mounts:
-                    await hub.detach(name)
-                    del self.mounts[name]
-                    self.publisher.labels.pop(name, None)
-                    await asyncio.to_thread(spool.drop_list, name)
-                    log.info("mount_released", mount=name, **found.labels)
+                    await self._follow(mount, fs, hub, spool, labels=found.labels)
+                except (OSError, LayerwatchError) as exc:  # gone again before we looked, ...
+                    log.warning(
+                        "mount_follow_failed",
+                        mountpoint=os.fsdecode(found.mountpoint),
+                        error=str(exc),
+                    )
+                    continue
+                names[found.mount_id] = name
 
     async def _housekeeping(self) -> None:
         """Bookmarks and retention, on their own clock."""

@@ -12,6 +12,7 @@ import contextlib
 import doctest
 import io
 import os
+import shutil
 import socket
 import tarfile
 import time
@@ -319,6 +320,15 @@ async def test_files_dirs_and_export(tmp_path: Path) -> None:
             assert resp.status == 409
         async with s.get("/v1/mounts/m/export?what=everything") as resp:
             assert resp.status == 400
+
+
+async def test_export_that_fails_at_once_is_an_error_not_a_tar(tmp_path: Path) -> None:
+    """An export that cannot start (its lower layer is gone) answers a JSON error, not 200."""
+    async with running(tmp_path) as run, unix_session(run) as s:
+        shutil.rmtree(tmp_path / "att-lower")
+        async with s.get("/v1/mounts/att/export?what=diff") as resp:
+            assert resp.status >= 400
+            assert "att-lower" in (await resp.json())["error"]
 
 
 async def test_export_streams_a_large_tar(tmp_path: Path) -> None:

@@ -647,8 +647,8 @@ class _Api:
         resp: web.StreamResponse | None = None
         try:
             first = await pipe.get()
-            if first is None and worker.done() and worker.exception() is not None:
-                await worker  # failed before the first byte: a clean JSON error
+            if first is None:
+                await worker  # nothing came: a failure is raised here, as a clean JSON error
             filename = f"{state.config.name}-{what}.tar"
             resp = web.StreamResponse(
                 headers={
@@ -664,12 +664,14 @@ class _Api:
             await worker
             await resp.write_eof()
             return resp
-        except BaseException:
+        except BaseException as exc:
             pipe.abort()
             with contextlib.suppress(BaseException):
                 await worker
             if resp is not None and resp.prepared and request.transport is not None:
-                log.warning("api_export_aborted", mount=state.config.name, what=what)
+                log.warning(
+                    "api_export_aborted", mount=state.config.name, what=what, error=repr(exc)
+                )
                 request.transport.abort()  # the client must not take a short tar for a whole one
                 return resp
             raise

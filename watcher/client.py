@@ -160,13 +160,16 @@ async def tail(
             ):
                 await _check(r)
                 delay = 0.2
+                pending: int | None = None  # an event's id counts once its frame is whole
                 async for line in r.content:
                     if line.startswith(b"id: "):
-                        last = int(line[4:])
+                        pending = int(line[4:])
                     elif line.startswith(b"data: "):
                         out.write(line[6:].rstrip(b"\n") + b"\n")
                         out.flush()
                         written += 1
+                        if pending is not None:
+                            last, pending = pending, None
                         if limit is not None and written >= limit:
                             return
         except ServerError as exc:

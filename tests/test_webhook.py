@@ -19,7 +19,7 @@ from aiohttp import web
 
 from watcher.delivery import RunnerConfig, SinkRunner
 from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
-from watcher.testing import MemoryLog, check_sink_contract, make_records
+from watcher.testing import MemoryLog, check_sink_contract, free_port, make_records
 from watcher.webhook import CONTENT_TYPE, WebhookSink, parse_retry_after, sign
 
 SECRET = "whsec_" + base64.b64encode(b"a test key of 24 bytes..").decode()
@@ -96,13 +96,6 @@ async def receiver() -> AsyncIterator[Receiver]:
         yield rec
     finally:
         await runner.cleanup()
-
-
-def free_port() -> int:
-    """A port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -276,3 +269,20 @@ def test_bad_options_name_the_key(options: Mapping[str, object], key: str) -> No
         WebhookSink("h", options)
     assert info.value.key == key
     assert "whsec_not" not in str(info.value)
+
+
+async def test_failures_never_show_the_url_credentials_or_query() -> None:
+    """Credentials and the query (where tokens live) stay out of errors and health."""
+    sink = WebhookSink(
+        "w", {"url": f"http://alice:hunter2@127.0.0.1:{free_port()}/hook?token=SECRET"}
+    )
+    await sink.open()
+    try:
+        with pytest.raises(SinkUnavailable) as info:
+            await sink.send(make_records(1, 1))
+    finally:
+        await sink.close()
+    for text in (str(info.value), sink.health().detail):
+        assert "hunter2" not in text
+        assert "SECRET" not in text
+        assert "127.0.0.1" in text

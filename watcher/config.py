@@ -8,6 +8,7 @@ sink, which validates them itself. Nothing here reads the environment.
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import tomllib
@@ -190,6 +191,8 @@ class _Table:
     def duration(self, name: str, default: float | None) -> float | None:
         value = self.get(name, (int, float, str), default)
         if value is None or isinstance(value, int | float):
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(self.key(name), f"must be a finite number, got {value!r}")
             if value is not None and value < 0:
                 raise ConfigError(self.key(name), "must not be negative")
             return None if value is None else float(value)
@@ -414,4 +417,6 @@ def load(path: str | Path) -> Config:
         raise ConfigError(str(path), f"cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), f"not UTF-8 text (byte {exc.start}): TOML is UTF-8") from exc
     return parse(data)

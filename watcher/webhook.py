@@ -110,6 +110,9 @@ class WebhookSink:
         opts = Options(name, options)
         self.url = opts.string("url")
         parts = urllib.parse.urlsplit(self.url)
+        # What logs and /healthz may show: no credentials, no query (tokens live there).
+        host = parts.netloc.rpartition("@")[2]
+        self._shown = urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(opts.key("url"), f"expected an http(s) URL, got {self.url!r}")
         secret = opts.optional_string("secret")
@@ -160,13 +163,14 @@ class WebhookSink:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
                 answer = await response.content.read(_BODY_LOG_LIMIT)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            problem = f"POST {self.url} failed: {type(exc).__name__}: {exc}"
+            detail = str(exc).replace(self.url, self._shown)
+            problem = f"POST {self._shown} failed: {type(exc).__name__}: {detail}"
             self._error = problem
             raise SinkUnavailable(problem) from exc
         if 200 <= status < 300:
             self._error = ""
             return
-        problem = f"POST {self.url} answered {status}"
+        problem = f"POST {self._shown} answered {status}"
         self._error = problem
         self._log.warning(
             "webhook_refused",

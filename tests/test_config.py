@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +296,19 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
         config.load(broken)
     assert info.value.key == str(broken)
     assert "TOML" in info.value.problem
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_durations_are_refused(value: float) -> None:
+    """nan or inf for a duration is an error naming the key (nan would disable deadlines)."""
+    data = {"mounts": [{"name": "m", "upper": "/u", "lowers": ["/l"]}]}
+    with pytest.raises(ConfigError, match=r"service\.shutdown_timeout: must be a finite"):
+        config.parse({**data, "service": {"shutdown_timeout": value}})
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """A config file with bytes that are not UTF-8 is a ConfigError naming the file."""
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b'[service]\nstream = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        config.load(path)

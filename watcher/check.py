@@ -244,7 +244,10 @@ def _mount(i: int, mount: MountConfig) -> tuple[list[Finding], Path | None]:
             return [Finding("error", f"{where}.rw: the default work dir has a separator")], None
         info = find_mount(mount.mountpoint)
         if info is not None:
-            upper = info.overlay_dirs()[0] if info.fstype == "overlay" else None
+            try:
+                upper = info.overlay_dirs()[0] if info.fstype == "overlay" else None
+            except LayerwatchError:  # a read-only overlay: not this mount's, reported below
+                upper = None
             if upper == os.fsencode(mount.rw):
                 out.append(
                     Finding(

@@ -238,6 +238,10 @@ class Options:
             raise ConfigError(
                 self.key(option), f"template must have one field, {{mount}}: {template!r}"
             )
+        try:  # a conversion or format spec that cannot apply to a name fails here, not later
+            template.format(mount="m")
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ConfigError(self.key(option), f"bad template {template!r}: {exc}") from exc
         return MountNames(template, self.string(service_option, service_default), escape)
 
     def string_map(self, option: str, default: object = _MISSING) -> dict[str, str]:

@@ -118,12 +118,18 @@ class LowerStack:
         self._opaque_xattr = xattr_prefix + b"opaque"
         root_layers = tuple(range(len(self.layers)))
         self._cache: dict[bytes, BaseEntry | None] = {}
+        self._listings: dict[bytes, frozenset[bytes]] = {}
         if self.layers:
             root_st = os.lstat(self.layers[0] or b"/")
             self._cache[b"/"] = BaseEntry(root_st, self.layers[0], root_layers)
 
     def lookup(self, path: bytes) -> BaseEntry | None:
-        """The entry B has at ``path``, or None."""
+        """The entry B has at ``path``, or None.
+
+        Only paths B has, or hides, are cached: a name that no layer's directory lists is
+        answered from the directory's listing, so the cache stays bounded by the size of B
+        however many names come and go in U (temporary files, say).
+        """
         try:
             return self._cache[path]
         except KeyError:
@@ -131,14 +137,32 @@ class LowerStack:
         if path == b"/":
             return None  # no layers at all
         parent, _, name = path.rpartition(b"/")
-        parent_entry = self.lookup(parent or b"/")
-        entry = (
-            self._resolve(path, name, parent_entry.dir_layers)
-            if parent_entry is not None and parent_entry.is_dir
-            else None
-        )
+        parent = parent or b"/"
+        parent_entry = self.lookup(parent)
+        if parent_entry is None or not parent_entry.is_dir:
+            return None
+        if name not in self._listed(parent, parent_entry.dir_layers):
+            return None
+        entry = self._resolve(path, name, parent_entry.dir_layers)
         self._cache[path] = entry
         return entry
+
+    def _listed(self, path: bytes, layers: tuple[int, ...]) -> frozenset[bytes]:
+        """Every name the layers' directories at ``path`` hold, whiteouts included (for aufs,
+        the names ``.wh.NAME`` speaks for)."""
+        listed = self._listings.get(path)
+        if listed is None:
+            names: set[bytes] = set()
+            for index in layers:
+                try:
+                    with os.scandir(self.layers[index] + path) as it:
+                        names.update(dirent.name for dirent in it)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+            if self.whiteouts is Whiteouts.AUFS:
+                names.update(n[len(AUFS_WH) :] for n in list(names) if n.startswith(AUFS_WH))
+            listed = self._listings[path] = frozenset(names)
+        return listed
 
     def names(self, path: bytes) -> list[bytes]:
         """The names B shows in directory ``path`` (empty when B has no directory there)."""

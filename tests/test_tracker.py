@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,9 @@ from overlay import Overlay, requires_overlay, run_ops
 
 from watcher.changes import Child, DirState, Kind, Op, Transition, compute
 from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
-from watcher.tracker import Control, Item
+from watcher.hub import Hub
+from watcher.inotify import Inotify
+from watcher.tracker import Control, Item, Tracker
 
 pytestmark = [requires_overlay, pytest.mark.root]
 
@@ -313,3 +317,20 @@ async def test_a_failing_reconcile_degrades_then_resyncs(
         mount.check()  # list == compute, and the replay (with the snapshot) == compute
     finally:
         await mount.stop()
+
+
+def test_a_new_hub_removes_sync_dirs_of_dead_processes(tmp_path: Path) -> None:
+    """Sync directories left by a killed run (its pid gone) are removed when a hub starts."""
+    dead = 2**22 + 7  # above pid_max's default ceiling: no such process
+    stale = Path(tempfile.gettempdir()) / f"layerwatch-sync-{dead}-left"
+    stale.mkdir(exist_ok=True)
+    with Inotify() as inotify:
+        hub = Hub(inotify, _ignore)
+        try:
+            assert not stale.exists()
+        finally:
+            hub.close()
+
+
+async def _ignore(tracker: Tracker, items: list[Item]) -> None:
+    """A publish that drops everything."""

@@ -10,6 +10,7 @@ event was read and everything read before it was reconciled and published.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import os
@@ -55,6 +56,20 @@ _OPS: Final = (
 _RANK: Final = {Op.ATTRIB: 0, Op.MODIFY: 1, Op.CREATE: 2, Op.MOVE: 2, Op.DELETE: 2}
 
 
+_SYNC_PREFIX: Final = "layerwatch-sync-"
+
+
+def _remove_stale_sync_dirs() -> None:
+    """Remove sync directories left by processes that are gone (killed before ``close``)."""
+    top = tempfile.gettempdir()
+    with contextlib.suppress(OSError), os.scandir(top) as it:
+        for dirent in it:
+            pid = dirent.name.removeprefix(_SYNC_PREFIX).partition("-")[0]
+            mine = dirent.name.startswith(_SYNC_PREFIX) and pid.isdigit()
+            if mine and not os.path.exists(f"/proc/{pid}"):
+                shutil.rmtree(dirent.path, ignore_errors=True)
+
+
 def _op(mask: int) -> Op:
     for bits, op in _OPS:
         if mask & bits:
@@ -77,7 +92,8 @@ class Hub(WatchOps):
         self.rescan_interval = rescan_interval
         self._owners: dict[int, Tracker] = {}
         self.trackers: dict[str, Tracker] = {}
-        self._sync_dir = os.fsencode(tempfile.mkdtemp(prefix="layerwatch-sync-"))
+        _remove_stale_sync_dirs()
+        self._sync_dir = os.fsencode(tempfile.mkdtemp(prefix=f"{_SYNC_PREFIX}{os.getpid()}-"))
         self._sync_wd = inotify.add_watch(self._sync_dir, IN_CREATE)
         self._cookies: dict[bytes, asyncio.Future[None]] = {}
         self._counter = itertools.count()

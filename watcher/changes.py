@@ -193,16 +193,16 @@ class Rules:
                 name = dirent.name
                 if self.aufs and name.startswith(AUFS_WH):
                     continue
-                if not self.aufs and not (
-                    dirent.is_file(follow_symlinks=False) or dirent.is_dir(follow_symlinks=False)
-                ):
-                    st = dirent.stat(follow_symlinks=False)
-                    if is_overlay_whiteout(st):
-                        continue
                 child = child_path(path, name)
                 state = None
                 if dirent.is_dir(follow_symlinks=False):
                     state = DirState(None, self._redirect(self.upper + child, None), True)
+                elif (
+                    not self.aufs
+                    and not dirent.is_file(follow_symlinks=False)
+                    and is_overlay_whiteout(dirent.stat(follow_symlinks=False))
+                ):
+                    continue
                 children.append(Child(child, Kind.ADDED, state, None, dirent.inode()))
         return children
 

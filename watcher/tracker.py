@@ -69,6 +69,15 @@ _ACTIVITY = frozenset({Op.MODIFY, Op.ATTRIB, Op.CREATE, Op.MOVE})
 changes, and a new entry under the same name (re-created, or renamed over: an editor's save)."""
 
 
+def _deleted_op(op: Op, parent: DirState, parent_path: bytes) -> Op:
+    """The op of a ``D`` that a structural hint (create, move) brought: a whiteout, or, in a
+    directory that hides B (opaque), a lower name the flag hides. Other ops stay as they are."""
+    if op not in (Op.CREATE, Op.MOVE):
+        return op
+    hidden = parent.base is not None and parent.origin != parent_path
+    return Op.OPAQUE if hidden else Op.WHITEOUT
+
+
 def _parent(path: bytes) -> bytes:
     return path.rpartition(b"/")[0] or b"/"
 
@@ -285,8 +294,8 @@ class Tracker:
         ):
             self._drop_tree(path, op)
             old = None
-        if child.kind is Kind.DELETED and op in (Op.CREATE, Op.MOVE):
-            op = Op.WHITEOUT
+        if child.kind is Kind.DELETED:
+            op = _deleted_op(op, info.state, parent)
         self._set_own(path, child.kind, op, child.st, activity=True)
         if child.dir is not None and old is None:
             self._scan_tree(path, child.dir, child.ino, Op.CREATE if op is not Op.RESCAN else op)
@@ -307,12 +316,7 @@ class Tracker:
                 children = self.rules.scan(directory, dstate)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone already: the parent's hint will drop it
-            # A D found by a scan is a whiteout, or (in a directory that hides B) a lower name
-            # the opaque flag hides; ops of live hints (rescan, snapshot) stay as they are.
-            hidden = dstate.base is not None and dstate.origin != directory
-            deleted = op
-            if op in (Op.CREATE, Op.MOVE):
-                deleted = Op.OPAQUE if hidden else Op.WHITEOUT
+            deleted = _deleted_op(op, dstate, directory)
             for child in children:
                 child_op = deleted if child.kind is Kind.DELETED else op
                 self._set_own(child.path, child.kind, child_op, child.st, activity=False)

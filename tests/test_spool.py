@@ -13,6 +13,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -448,3 +449,67 @@ async def test_full_disk(tmp_path: Path) -> None:
             assert spool.read(0, 1000) == written
             assert len(spool.load_list("m")) == len(written) // 10
             assert spool.cursor("web") == 5
+
+
+class _ReadAtCommit:
+    """Wraps the writer connection: right after each COMMIT, before ``append`` has counted
+    the records, reads what a sink would read then."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._conn = spool._writer
+        self._spool = spool
+        self.seen: list[tuple[int, int]] = []  # (highest seq read, last_seq at that moment)
+
+    def execute(self, sql: str, *args: Any) -> object:
+        result = self._conn.execute(sql, *args)
+        if sql == "COMMIT":
+            records = self._spool.read(0, 1000)
+            if records:
+                self.seen.append((records[-1].seq, self._spool.last_seq))
+        return result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+
+def test_read_never_returns_what_last_seq_does_not_count(spool_path: Path) -> None:
+    """A record committed but not yet counted in last_seq is not readable (so never acked)."""
+    with Spool(spool_path) as spool:
+        probe = _ReadAtCommit(spool)
+        spool._writer = probe  # type: ignore[assignment]
+        asyncio.run(spool.append(batch(1, 3)))
+        asyncio.run(spool.append(batch(4, 3)))
+        assert probe.seen, "the probe read nothing"
+        for highest, last_seq in probe.seen:
+            assert highest <= last_seq
+        spool._writer = probe._conn
+        spool.ack("sink", spool.read(0, 100)[-1].seq)
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_second_opener_through_a_link_is_refused(spool_path: Path, link: str) -> None:
+    """The lock belongs to the file: another name for it (symlink, hard link) is refused."""
+    alias = spool_path.with_name("alias.db")
+    with Spool(spool_path):
+        if link == "symlink":
+            alias.symlink_to(spool_path)
+        else:
+            os.link(spool_path, alias)
+        with pytest.raises(SpoolError, match="in use"):
+            Spool(alias)
+    Spool(alias).close()
+
+
+def test_epoch_is_kept_and_a_new_spool_gets_a_new_one(spool_path: Path) -> None:
+    """A spool keeps its epoch across opens; one made after it (a lost spool) has a later one."""
+    with Spool(spool_path) as spool:
+        first = spool.epoch
+        asyncio.run(spool.append(batch(1, 2)))
+    with Spool(spool_path) as spool:
+        assert spool.epoch == first
+    for name in os.listdir(spool_path.parent):
+        os.unlink(spool_path.parent / name)
+    time.sleep(0.002)
+    with Spool(spool_path) as spool:
+        assert spool.last_seq == 0
+        assert spool.epoch > first

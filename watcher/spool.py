@@ -11,10 +11,16 @@ Decisions:
   same drain) in one transaction, and returns only once it is durable. The SQLite work runs on
   one worker thread, so the event loop never waits for an ``fsync``. If the awaiting task is
   cancelled, the transaction still completes or fails as a whole; ``last_seq`` tells which.
+- **Identity.** A spool gets an ``epoch`` when it is created (its creation time in ms, stored
+  in ``meta``); event ids carry it, so a spool that replaces a lost one never reissues an id
+  the old one used, although its sequence starts again at 1. A spool made by a version without
+  epochs gets one the first time it is opened.
 - **Sequence.** The caller assigns ``seq``; records must continue the sequence without holes
   (the first ever is 1). ``last_seq`` is stored apart from the events, so it survives pruning
-  and restarts. Pruning drops a prefix only, so the retained records are always
-  ``first_seq..last_seq`` with no holes (``first_seq == last_seq + 1`` when empty).
+  and restarts. ``read`` never returns a record beyond ``last_seq``, even one whose
+  transaction has committed before ``last_seq`` moved, so a consumer never acknowledges a
+  record the spool has not counted yet. Pruning drops a prefix only, so the retained records
+  are always ``first_seq..last_seq`` with no holes (``first_seq == last_seq + 1`` when empty).
 - **Cursors.** A cursor is the last ``seq`` a consumer acknowledged. A consumer not seen before
   starts at ``first_seq - 1``: it receives everything retained. ``cursor()`` registers it at
   that point, so a later prune that drops records it has not acknowledged names it.
@@ -27,8 +33,9 @@ Decisions:
 - **Change lists.** Paths are bytes and stored as BLOBs, so any name round-trips. A mount has a
   persisted list from the first ``append`` that carries ``lists[mount]`` (even an empty one)
   until ``drop_list``; ``mounts()`` tells a mount with an empty list from one never seen.
-- **One owner.** A spool file belongs to one ``Spool`` at a time (an exclusive ``flock`` on
-  ``PATH.lock``); a second opener gets ``SpoolError``. ``read`` and the other queries use their
+- **One owner.** A spool file belongs to one ``Spool`` at a time: an exclusive ``flock`` on
+  the database file itself (not on a name next to it), so a second opener gets ``SpoolError``
+  whatever name it uses, a symlink or a hard link included. ``read`` and the other queries use their
   own connection, so they never wait for an ``append``; ``ack``, ``set_meta``, ``drop_list`` and
   ``prune`` are short transactions that may wait for one ``append`` to finish. ``prune`` can
   take long when much expires: from a loop, call it through ``asyncio.to_thread``.
@@ -167,11 +174,14 @@ class Spool:
         except BaseException:
             self._close_all()
             raise
+        self._epoch = self._load_epoch()
         self._last_seq: int = last_seq
         self._bytes: int = nbytes
         self._first_seq: int = last_seq + 1 if first is None else first
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self._log.info("spool_opened", first_seq=self._first_seq, last_seq=self._last_seq)
+        self._log.info(
+            "spool_opened", epoch=self._epoch, first_seq=self._first_seq, last_seq=self._last_seq
+        )
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -189,20 +199,24 @@ class Spool:
             raise self._fail(f"{action} failed: {detail}") from exc
 
     def _lock(self) -> int:
+        """Open (creating if needed) and ``flock`` the database file itself.
+
+        The lock belongs to the file, not to the name: a symlink or hard link to a spool in
+        use is refused like the same path. An empty new file is an empty SQLite database.
+        """
         directory = self._path.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self._fail(f"cannot create directory {directory}: {exc.strerror}") from exc
-        if not os.access(directory, os.W_OK):
+        if not os.access(directory, os.W_OK):  # SQLite writes its WAL beside the file
             raise self._fail(f"directory {directory} is not writable")
         if self._path.exists() and not os.access(self._path, os.W_OK):
             raise self._fail("file is not writable")
-        lock_path = self._path.with_name(self._path.name + ".lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise self._fail(f"cannot open lock file {lock_path}: {exc.strerror}") from exc
+            raise self._fail(f"cannot open: {exc.strerror}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -244,6 +258,16 @@ class Spool:
         if version != _SCHEMA_VERSION:
             raise self._fail(f"schema version {version} is not supported ({_SCHEMA_VERSION} is)")
 
+    def _load_epoch(self) -> int:
+        """The spool's identity, made (and stored) the first time it is needed."""
+        with self._errors("open"):
+            row = self._writer.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            if row is not None:
+                return int(row[0])
+            epoch = time.time_ns() // 1_000_000
+            self._writer.execute("INSERT INTO meta VALUES ('epoch', ?)", (str(epoch),))
+            return epoch
+
     # -- plumbing ----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -278,6 +302,11 @@ class Spool:
     def path(self) -> Path:
         """The database file."""
         return self._path
+
+    @property
+    def epoch(self) -> int:
+        """The spool's identity: its creation time in ms, fixed for the life of the file."""
+        return self._epoch
 
     @property
     def last_seq(self) -> int:
@@ -352,10 +381,12 @@ class Spool:
         self._check_open()
         if limit <= 0:
             return []
+        last = self._last_seq  # committed rows past it are not counted yet: not readable
         with self._read_lock, self._errors("read"):
             rows = self._reader.execute(
-                "SELECT seq, mount, type, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after, limit),
+                "SELECT seq, mount, type, body FROM events WHERE seq > ? AND seq <= ? "
+                "ORDER BY seq LIMIT ?",
+                (after, last, limit),
             ).fetchall()
         return [Record(seq, mount, type_, body) for seq, mount, type_, body in rows]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -147,6 +147,9 @@ class Tracker:
         self._out: list[Item] = []
         self._quiet = False
         self.degraded: str | None = None
+        self.interrupt: Callable[[], None] | None = None
+        """Called once per directory a scan lists; may raise to abandon the scan (a stop
+        during a long start). The tracker is then unusable: close it."""
         self._log = log.bind(mount=mount)
 
     # -- queries ---------------------------------------------------------------------------
@@ -304,6 +307,8 @@ class Tracker:
         """Watch first, then list; for ``path`` and every directory below it."""
         stack = [(path, state, ino)]
         while stack:
+            if self.interrupt is not None:
+                self.interrupt()
             directory, dstate, dino = stack.pop()
             info = _Dir(dstate, dino)
             parent_info = self._dirs.get(_parent(directory))
@@ -422,6 +427,8 @@ class Tracker:
         dirs: dict[bytes, _Dir] = {}
         stack = [(b"/", self.rules.root(), os.lstat(self.upper).st_ino)]
         while stack:
+            if self.interrupt is not None:
+                self.interrupt()
             directory, dstate, dino = stack.pop()
             info = self._dirs.get(directory)
             if info is None or info.state != dstate or (dstate.in_upper and info.ino != dino):

@@ -8,7 +8,6 @@ passes the sync barrier first, so every change made before it is printed, then a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 from collections.abc import Callable, Mapping
@@ -86,23 +85,34 @@ async def watch(
     lower = LowerStack(fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix)
     with Inotify() as inotify:
         hub = Hub(inotify, publisher.publish)
+        reader = asyncio.create_task(hub.run(), name="hub")
+        stopper = asyncio.create_task(stop.wait())
         try:
             tracker = Tracker(name, fs.rw, lower, hub, xattr_prefix=fs.xattr_prefix)
-            await hub.attach(tracker, tracker.start())
-            reader = asyncio.create_task(hub.run(), name="hub")
+            start = asyncio.create_task(hub.follow(tracker), name="start")
+            await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():  # stopped during the first scan: abandon it
+                start.cancel()
+                await asyncio.wait({start})
+                return publisher
+            start.result()
             if ready is not None:
                 ready(hub)
-            stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if reader.done():
-                stopper.cancel()
                 reader.result()  # re-raise what broke the reader
             async with asyncio.timeout(10):
                 await hub.sync()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await _cancel(reader)
             await publisher.bookmark()
         finally:
+            await _cancel(reader)
+            await _cancel(stopper)
             hub.close()
     return publisher
+
+
+async def _cancel(task: asyncio.Task[None] | asyncio.Task[bool]) -> None:
+    """Cancel ``task`` and wait until it ended (its outcome is the caller's business)."""
+    task.cancel()
+    await asyncio.wait({task})

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import os
+import signal
 import sys
 import time
 import tomllib
@@ -66,6 +67,45 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return status.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def pids_in(path: Path) -> list[int]:
+    """The pids a test command wrote to ``path``, one a line."""
+    try:
+        return [int(word) for word in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+async def wait_for_pids(path: Path, count: int) -> list[int]:
+    """The pids in ``path`` once there are ``count`` of them (within 5 s)."""
+    for _ in range(500):
+        pids = pids_in(path)
+        if len(pids) >= count:
+            return pids
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{path} holds {pids_in(path)}, expected {count} pids")
+
+
+async def all_gone(pids: list[int], within: float = 2.0) -> bool:
+    """Whether every process in ``pids`` has exited (zombies count as gone) within ``within`` s."""
+    deadline = time.monotonic() + within
+    while any(alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def pidfile(tmp_path: Path) -> Iterator[Path]:
+    """A file test commands append their pids to; any still alive after the test are killed."""
+    path = tmp_path / "pids"
+    yield path
+    for pid in pids_in(path):
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def read_available(fd: int) -> bytes:
@@ -279,6 +319,137 @@ async def test_exec_cancelled_send_kills_the_command(tmp_path: Path) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not alive(pid)
+
+
+# Commands that leave a process behind in their group; each appends its pids to "$1".
+BACKGROUND = 'echo $$ >> "$1"; sleep 60 & echo $! >> "$1"; wait'
+FOREGROUND = 'echo $$ >> "$1"; sh -c \'echo $$ >> "$1"; exec sleep 60\' sh "$1"; cat > /dev/null'
+IGNORES_TERM = 'trap "" TERM; ' + BACKGROUND
+
+
+@pytest.mark.parametrize(
+    "script", [BACKGROUND, FOREGROUND, IGNORES_TERM], ids=["background", "foreground", "no-term"]
+)
+async def test_exec_timeout_kills_the_process_group(pidfile: Path, script: str) -> None:
+    """At the timeout the command's whole process group is killed, grandchildren holding its
+    pipes included, and the send fails retryably at once instead of waiting for them."""
+    sink = sh(script, str(pidfile), timeout=0.3)
+    started = time.monotonic()
+    with capture_logs() as logs, pytest.raises(SinkUnavailable, match="did not finish"):
+        await asyncio.wait_for(sink.send(make_records(1, 1)), 5)
+    assert time.monotonic() - started < 3
+    pids = pids_in(pidfile)
+    assert len(pids) == 2
+    assert await all_gone(pids)
+    assert [e["event"] for e in logs if e["event"].startswith("exec_")] == ["exec_timeout"]
+    assert not sink.health().ok
+
+
+async def test_exec_runner_retries_a_command_that_leaves_a_child(
+    tmp_path: Path, pidfile: Path
+) -> None:
+    """Through a runner: each timed-out run is retried with backoff while health is not ok and
+    nothing is acknowledged; once the command works the batch is delivered and health is ok."""
+    fixed, out = tmp_path / "fixed", tmp_path / "out.jsonl"
+    script = 'if [ -e "$2" ]; then exec cat >> "$3"; fi; ' + BACKGROUND
+    log = MemoryLog(make_records(1, 3))
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        sink = sh(script, str(pidfile), str(fixed), str(out), timeout=0.2)
+        runner = SinkRunner(sink, log, RunnerConfig(backoff_base=0.05, backoff_cap=0.1))
+        task = asyncio.create_task(runner.run(stop))
+        for _ in range(500):
+            if runner.retries >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert runner.retries >= 2
+        health = runner.health()
+        assert not health.ok
+        assert "did not finish" in health.detail
+        assert log.cursor("x") == 0
+        fixed.touch()
+        for _ in range(500):
+            if log.cursor("x") == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert runner.health().ok
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    failed = [e for e in logs if e["event"] == "sink_send_failed"]
+    assert len(failed) >= 2
+    assert all("did not finish" in e["error"] for e in failed)
+    assert ids(out.read_bytes()) == ["test:1", "test:2", "test:3"]
+    pids = pids_in(pidfile)
+    assert len(pids) >= 4
+    assert await all_gone(pids)
+
+
+@pytest.mark.parametrize("redirect", ["", " > /dev/null 2>&1"], ids=["on-the-pipes", "detached"])
+async def test_exec_success_kills_what_the_command_left_running(
+    pidfile: Path, redirect: str
+) -> None:
+    """Exit 0 acknowledges at once even if a background child holds the output pipes; what the
+    command left running in its process group is killed and logged."""
+    sink = sh(f'cat > /dev/null; sleep 60{redirect} & echo $! >> "$1"', str(pidfile), timeout=5)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        await asyncio.wait_for(sink.send(make_records(1, 2)), 4)
+    assert time.monotonic() - started < 3
+    assert sink.health().ok
+    assert await all_gone(pids_in(pidfile))
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["exec_leftovers_killed"]
+
+
+async def test_exec_output_held_by_an_escaped_process_is_not_waited_for(pidfile: Path) -> None:
+    """A process that left the group (setsid) and holds the output pipes is not waited for:
+    the pipes are closed shortly after the command exits, and that is logged."""
+    escape = 'setsid sh -c \'echo $$ >> "$1"; exec sleep 60\' sh "$1" &'
+    wait = 'until [ -s "$1" ]; do sleep 0.01; done'  # exit only once it left the group
+    sink = sh(f"cat > /dev/null; {escape} {wait}", str(pidfile), timeout=10)
+    started = time.monotonic()
+    with capture_logs() as logs:
+        await asyncio.wait_for(sink.send(make_records(1, 1)), 5)
+    assert time.monotonic() - started < 3
+    assert sink.health().ok
+    assert "exec_output_held_open" in [e["event"] for e in logs]
+
+
+async def test_exec_close_kills_an_inflight_command(pidfile: Path) -> None:
+    """close() kills the process group of a command still running; its send fails retryably."""
+    sink = sh(BACKGROUND, str(pidfile))
+    await sink.open()
+    task = asyncio.create_task(sink.send(make_records(1, 1)))
+    pids = await wait_for_pids(pidfile, 2)
+    await asyncio.wait_for(sink.close(), 2)
+    done, _ = await asyncio.wait({task}, timeout=2)
+    assert task in done
+    with pytest.raises(SinkUnavailable):
+        task.result()
+    assert await all_gone(pids)
+
+
+async def test_exec_cancelled_send_kills_the_process_group(pidfile: Path) -> None:
+    """Cancelling a send (runner shutdown) kills the command's group and finishes promptly."""
+    sink = sh(BACKGROUND, str(pidfile))
+    task = asyncio.create_task(sink.send(make_records(1, 1)))
+    pids = await wait_for_pids(pidfile, 2)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=3)
+    assert task in done
+    assert task.cancelled()
+    assert await all_gone(pids)
+
+
+async def test_exec_binary_output_is_logged_truncated() -> None:
+    """Large binary output on stdout and stderr is logged decoded and cut to 4 KiB."""
+    script = "head -c 100000 /dev/urandom; head -c 100000 /dev/urandom >&2; exit 1"
+    sink = sh(script)
+    with capture_logs() as logs, pytest.raises(SinkUnavailable, match="status 1"):
+        await asyncio.wait_for(sink.send(make_records(1, 1)), 5)
+    [event] = [e for e in logs if e["event"] == "exec_failed"]
+    for stream in ("stdout", "stderr"):
+        assert isinstance(event[stream], str)
+        assert 0 < len(event[stream]) <= 4096
 
 
 async def test_exec_missing_program_is_retryable(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import os
+import shutil
 import signal
 import sys
 import time
@@ -232,6 +233,125 @@ async def test_jsonl_write_failure_is_retryable(tmp_path: Path) -> None:
         await sink.send(make_records(1, 1))
     assert not sink.health().ok
     await sink.close()
+
+
+@pytest.mark.parametrize("removal", ["directory", "file", "rename"])
+async def test_jsonl_follows_its_path_when_the_file_goes(tmp_path: Path, removal: str) -> None:
+    """When the file or its directory is removed (or renamed away), the next batch is written
+    to a new file at the path (directory recreated) and a jsonl_reopened warning is logged."""
+    directory = tmp_path / "logs"
+    path = directory / "events.jsonl"
+    sink = JsonlSink("j", {"path": str(path)})
+    await sink.open()
+    await sink.send(make_records(1, 2))
+    if removal == "directory":
+        shutil.rmtree(directory)
+    elif removal == "file":
+        path.unlink()
+    else:
+        path.rename(directory / "events.jsonl.old")
+    with capture_logs() as logs:
+        await sink.send(make_records(3, 2))
+        await sink.send(make_records(5, 1))
+    assert ids(path.read_bytes()) == ["test:3", "test:4", "test:5"]
+    [event] = [e for e in logs if e["event"] == "jsonl_reopened"]
+    assert event["log_level"] == "warning"
+    assert event["reason"] == "missing"
+    assert event["path"] == str(path)
+    assert sink.health().ok
+    await sink.close()
+    if removal == "rename":
+        assert ids((directory / "events.jsonl.old").read_bytes()) == ["test:1", "test:2"]
+
+
+async def test_jsonl_follows_its_path_when_the_file_is_replaced(tmp_path: Path) -> None:
+    """A different file renamed onto the path gets the next batch, logged as replaced."""
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink("j", {"path": str(path)})
+    await sink.open()
+    await sink.send(make_records(1, 2))
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(b"".join(r.body + b"\n" for r in make_records(100, 1)))
+    other.rename(path)
+    with capture_logs() as logs:
+        await sink.send(make_records(3, 1))
+    await sink.close()
+    assert ids(path.read_bytes()) == ["test:100", "test:3"]
+    assert [e["reason"] for e in logs if e["event"] == "jsonl_reopened"] == ["replaced"]
+
+
+async def test_jsonl_rewrites_a_batch_whose_file_went_during_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory removed between the write and the fsync: the batch is written again at the path.
+
+    The removal is timed by running it just before the real fsync of the batch.
+    """
+    directory = tmp_path / "logs"
+    path = directory / "events.jsonl"
+    sink = JsonlSink("j", {"path": str(path)})
+    await sink.open()
+    await sink.send(make_records(1, 1))
+    real_fsync = os.fsync
+    removed: list[int] = []
+
+    def remove_then_fsync(fd: int) -> None:
+        if not removed:
+            removed.append(fd)
+            shutil.rmtree(directory)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", remove_then_fsync)
+    with capture_logs() as logs:
+        await sink.send(make_records(2, 3))
+    monkeypatch.undo()
+    await sink.close()
+    assert removed
+    assert ids(path.read_bytes()) == ["test:2", "test:3", "test:4"]
+    assert [e["reason"] for e in logs if e["event"] == "jsonl_reopened"] == ["missing"]
+
+
+async def test_jsonl_rotates_after_its_directory_was_removed(tmp_path: Path) -> None:
+    """Size rotation keeps working in a recreated directory."""
+    directory = tmp_path / "logs"
+    path = directory / "events.jsonl"
+    records = make_records(1, 6)
+    line = len(records[0].body) + 1
+    sink = JsonlSink("j", {"path": str(path), "max_bytes": 3 * line, "keep": 2})
+    await sink.open()
+    await sink.send(records[:2])
+    shutil.rmtree(directory)
+    await sink.send(records[2:])
+    await sink.close()
+    assert listing(directory) == ["events.jsonl", "events.jsonl.1"]
+    assert ids((directory / "events.jsonl.1").read_bytes()) == ["test:3", "test:4", "test:5"]
+    assert ids(path.read_bytes()) == ["test:6"]
+
+
+async def test_jsonl_rename_then_reopen_starts_a_new_file(tmp_path: Path) -> None:
+    """logrotate's rename then SIGHUP (the runner's reopen): a fresh file, no reopen warning."""
+    path = tmp_path / "events.jsonl"
+    log = MemoryLog(make_records(1, 2))
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        runner = SinkRunner(JsonlSink("j", {"path": str(path)}), log, RunnerConfig())
+        task = asyncio.create_task(runner.run(stop))
+        for _ in range(500):
+            if log.cursor("j") == 2:
+                break
+            await asyncio.sleep(0.01)
+        path.rename(tmp_path / "events.jsonl.1")
+        runner.reopen()
+        log.extend(make_records(3, 2))
+        for _ in range(500):
+            if log.cursor("j") == 4:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await task
+    assert ids((tmp_path / "events.jsonl.1").read_bytes()) == ["test:1", "test:2"]
+    assert ids(path.read_bytes()) == ["test:3", "test:4"]
+    assert not [e for e in logs if e["event"] == "jsonl_reopened"]
 
 
 @pytest.mark.parametrize("fsync", ["batch", "interval", "never"])

@@ -110,6 +110,13 @@ class JsonlSink:
     On open, a torn last line (a crash mid-write: no trailing newline) is truncated away and
     logged; those events were not acknowledged, so the runner sends them again. A failed
     write truncates the file back to where the batch began, so lines are always whole.
+
+    Before and after each batch the sink checks (one ``stat`` each) that ``path`` still names
+    the file it has open. When the file or its directory was removed, or another file was
+    put in its place, it opens ``path`` again (recreating the directory), logs
+    ``jsonl_reopened`` with the reason, and writes the batch there; a batch that went to the
+    old file (the change happened during the write) is written again, so an acknowledged
+    batch is always in the file at ``path``.
     """
 
     def __init__(self, name: str, options: Mapping[str, object]) -> None:
@@ -122,6 +129,7 @@ class JsonlSink:
         opts.finish()
         self.name = name
         self._fd = -1
+        self._ident = (0, 0)  # (st_dev, st_ino) of the open file
         self._size = 0
         self._dirty = False
         self._error = ""
@@ -148,9 +156,10 @@ class JsonlSink:
         except BaseException:
             os.close(fd)
             raise
+        st = os.fstat(fd)
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd, self._size = fd, size
+        self._fd, self._ident, self._size = fd, (st.st_dev, st.st_ino), size
 
     def _repair(self, fd: int) -> int:
         """Truncate a torn last line away; return the file's size."""
@@ -185,6 +194,33 @@ class JsonlSink:
     def _write(self, batch: Sequence[Record]) -> None:
         if self._fd < 0:
             self._open()
+        else:
+            self._follow_path()
+        self._write_batch(batch)
+        if self._follow_path():  # moved during the write: the batch went to the old file
+            self._write_batch(batch)
+
+    def _follow_path(self) -> bool:
+        """Reopen ``path`` when it no longer names the open file; True when it did."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            reason = "missing"
+        else:
+            if (st.st_dev, st.st_ino) == self._ident:
+                return False
+            reason = "replaced"
+        if self._dirty and self.fsync != "never":  # the old file may live on (renamed away)
+            with contextlib.suppress(OSError):
+                os.fsync(self._fd)
+        self._dirty = False
+        self._open()
+        self._log.warning("jsonl_reopened", path=str(self.path), reason=reason)
+        if self.fsync != "never":
+            self._sync_dir()
+        return True
+
+    def _write_batch(self, batch: Sequence[Record]) -> None:
         pending: list[bytes] = []
         pending_size = 0
         for record in batch:
@@ -227,14 +263,19 @@ class JsonlSink:
                 os.rename(f"{base}.{n}", f"{base}.{n + 1}")
         os.rename(base, f"{base}.1")
         self._fd = os.open(base, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        self._size = 0
+        st = os.fstat(self._fd)
+        self._ident, self._size = (st.st_dev, st.st_ino), 0
         if self.fsync != "never":
-            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            self._sync_dir()
         self._log.info("jsonl_rotated", path=base, keep=self.keep)
+
+    def _sync_dir(self) -> None:
+        """Fsync the file's directory, so its new entry survives a crash."""
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     async def _sync_periodically(self) -> None:
         while True:

@@ -49,7 +49,7 @@ def _which(binary: str) -> str:
 
 
 def _records(count: int, stream: str) -> list[Record]:
-    encoder = EventEncoder(stream=stream, host="bench")
+    encoder = EventEncoder(stream=stream, host="bench", epoch=1)
     stat = os.stat_result((0o100644, 1, 1, 1, 0, 0, 4096, 0, 1_700_000_000, 0))
     out = []
     for seq in range(1, count + 1):

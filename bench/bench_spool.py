@@ -43,7 +43,7 @@ _BATCHES = (1, 64, 512)
 
 def make_records(count: int) -> list[Record]:
     """``count`` realistic change events, seq 1..count."""
-    encoder = EventEncoder(stream="bench-7f3a9c2e", host="build-host-01.example.internal")
+    encoder = EventEncoder(stream="bench-7f3a9c2e", host="build-host-01.example.internal", epoch=1)
     st = os.lstat(__file__)
     records = []
     for seq in range(1, count + 1):

@@ -34,6 +34,7 @@ from watcher.api import Limits, serve
 from watcher.changes import Kind
 from watcher.check import schema_for
 from watcher.config import ApiConfig, Config, MountConfig, SpoolConfig
+from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.service import Service
 
 pytestmark = [requires_overlay]
@@ -152,17 +153,24 @@ def unix_session(run: ApiRun) -> aiohttp.ClientSession:
     )
 
 
+EPOCHS: set[int] = set()
+"""The epochs seen in SSE ids (one per spool)."""
+
+
 async def read_sse(
     resp: aiohttp.ClientResponse, until: Any
 ) -> list[tuple[int | None, dict[str, Any]]]:
-    """Read SSE events (id, parsed data) until ``until(events)`` is true (20 s at most)."""
+    """Read SSE events (the seq of their ``EPOCH:SEQ`` id, parsed data) until
+    ``until(events)`` is true (20 s at most). Every id's epoch is the one in the event id."""
     events: list[tuple[int | None, dict[str, Any]]] = []
     event_id: int | None = None
     async with asyncio.timeout(20):
         while not until(events):
             line = (await resp.content.readline()).rstrip(b"\n")
             if line.startswith(b"id: "):
-                event_id = int(line[4:])
+                epoch, seq = line[4:].decode().split(":")
+                event_id = int(seq)
+                EPOCHS.add(int(epoch))
             elif line.startswith(b"data: "):
                 events.append((event_id, orjson.loads(line[6:])))
             elif line == b"":
@@ -362,8 +370,10 @@ async def test_sse_resume_with_last_event_id_is_exactly_once(tmp_path: Path) -> 
         for i in range(10):
             (run.merged / f"b{i}").write_text("x")
         await changes(s)
-        head = run.service.spool.last_seq if run.service.spool else 0
-        headers = {"Last-Event-ID": str(resume)}
+        assert run.service.spool is not None
+        head, epoch = run.service.spool.last_seq, run.service.spool.epoch
+        assert epoch in EPOCHS
+        headers = {"Last-Event-ID": f"{epoch}:{resume}"}
         async with s.get("/v1/events?since=0", headers=headers) as resp:
             rest = await read_sse(resp, lambda ev: ev and int(ev[-1][1]["sequence"]) >= head)
         assert _seqs(rest) == list(range(resume + 1, head + 1))
@@ -372,6 +382,25 @@ async def test_sse_resume_with_last_event_id_is_exactly_once(tmp_path: Path) -> 
             assert_schema(event)
         paths = {e["data"].get("path") for _, e in rest}
         assert {f"/b{i}" for i in range(10)} <= paths
+
+
+async def test_sse_position_of_another_spool_starts_with_a_snapshot(tmp_path: Path) -> None:
+    """A Last-Event-ID whose epoch is not this spool's (the spool was lost and made anew) is
+    not taken for a position here: the stream starts with a snapshot of every mount."""
+    async with running(tmp_path) as run, unix_session(run) as s:
+        for i in range(5):
+            (run.merged / f"a{i}").write_text("x")
+        await changes(s)
+        assert run.service.spool is not None
+        other = run.service.spool.epoch - 1
+        headers = {"Last-Event-ID": f"{other}:2"}
+        async with s.get("/v1/events", headers=headers) as resp:
+            got = await read_sse(resp, lambda ev: any(e["type"] == SNAPSHOT_END for _, e in ev))
+        assert [e["type"] for _, e in got[:2]] == [RESYNC, SNAPSHOT_BEGIN]
+        assert got[0][1]["data"]["reason"] == "retention"
+        async with s.get("/v1/events", headers={"Last-Event-ID": "x:2"}) as resp:
+            assert resp.status == 400
+            assert "EPOCH:SEQ" in await resp.text()
 
 
 async def test_sse_mount_filter_and_live_events(tmp_path: Path) -> None:
@@ -408,7 +437,8 @@ async def test_sse_lost_position_gets_resync_and_snapshot(tmp_path: Path) -> Non
             assert [i for i, _ in got] == [None, None, None, head]
             assert got[2][1]["data"]["path"] == "/kept"
             assert got[0][1]["data"]["reason"] == "retention"
-            assert [e["id"] for _, e in got] == [f"test~snapshot@{head}:{i}" for i in (1, 2, 3, 4)]
+            ids = [f"test~snapshot@{head}:{spool.epoch}:{i}" for i in (1, 2, 3, 4)]
+            assert [e["id"] for _, e in got] == ids
             assert {int(e["sequence"]) for _, e in got} == {head}
             for _, event in got:
                 assert_schema(event)

@@ -124,7 +124,7 @@ async def test_rejected_batch_is_dead_lettered(log: AnyLog, tmp_path: Path) -> N
     await until(lambda: log.cursor("picky") == 12)
     await running.finish()
     lines = [orjson.loads(line) for line in dead.read_bytes().splitlines()]
-    assert [line["event"]["id"] for line in lines] == [f"test:{n}" for n in range(1, 6)]
+    assert [line["event"]["id"] for line in lines] == [f"test:1:{n}" for n in range(1, 6)]
     assert {line["sink"] for line in lines} == {"picky"}
     assert "rejected" in lines[0]["reason"]
     assert seqs(sink.records) == list(range(6, 13))
@@ -245,13 +245,13 @@ async def test_filtered_records_are_acknowledged_unsent(log: AnyLog) -> None:
 
 
 def _change(seq: int, mount: str, path: bytes, kind: Kind | None, prev: Kind | None) -> Record:
-    encoder = EventEncoder(stream="s", host="h")
+    encoder = EventEncoder(stream="s", host="h", epoch=1)
     return encoder.change(seq, mount, Transition(path, kind, prev, Op.MODIFY, None), now=0.0)
 
 
 def test_filter_matches_mounts_kinds_and_paths() -> None:
     """Filter passes by mount, by kind or prev_kind, by path glob; control events pass."""
-    encoder = EventEncoder(stream="s", host="h")
+    encoder = EventEncoder(stream="s", host="h", epoch=1)
     flt = Filter(mounts=frozenset({"m"}), kinds=frozenset({"A"}), paths=("/etc/*", "/raw-*"))
     assert flt.accepts(_change(1, "m", b"/etc/passwd", Kind.ADDED, None))
     assert flt.accepts(_change(2, "m", b"/etc/passwd", None, Kind.ADDED))

@@ -208,12 +208,16 @@ def test_every_event_matches_its_schema(events: list[Event]) -> None:
 
 
 def test_envelope_fields_follow_the_contract(events: list[Event]) -> None:
-    """id is STREAM:SEQ, sequence is SEQ zero-padded, time is UTC with µs, source names us."""
+    """id is STREAM:EPOCH:SEQ (one epoch in one spool), sequence is SEQ zero-padded, time is
+    UTC with µs, source names us."""
     seqs = []
+    epochs = set()
     for e in events:
         seq = int(e["sequence"])
         seqs.append(seq)
-        assert e["id"] == f"{STREAM}:{seq}"
+        stream, epoch, id_seq = e["id"].split(":")
+        assert (stream, id_seq) == (STREAM, str(seq))
+        epochs.add(int(epoch))
         assert e["sequence"] == f"{seq:020d}"
         assert e["source"].startswith("/layerwatch/")
         assert e["specversion"] == "1.0"
@@ -226,6 +230,8 @@ def test_envelope_fields_follow_the_contract(events: list[Event]) -> None:
             assert e["data"]["seq"] == seq
     assert seqs == sorted(seqs)
     assert sorted(set(seqs)) == list(range(1, max(seqs) + 1)), "a sequence number is missing"
+    assert len(epochs) == 1
+    assert abs(epochs.pop() / 1000 - time.time()) < 600, "the epoch is the spool's creation (ms)"
 
 
 def test_subject_and_path_round_trip_any_bytes(events: list[Event]) -> None:

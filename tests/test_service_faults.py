@@ -164,3 +164,40 @@ def test_stop_with_events_not_durable_exits_non_zero_and_says_how_many(tiny_spoo
     assert flush
     assert flush[0]["pending"] > 0
     assert f"{flush[0]['pending']} events" in text
+
+
+async def test_a_spool_made_anew_never_reissues_an_id(tmp_path: Path) -> None:
+    """After the spool is lost, the new one numbers from 1 again under a new epoch: no event
+    id of the second run names an event of the first (a jsonl sink keeps both runs)."""
+    upper, lower = tmp_path / "upper", tmp_path / "lower"
+    upper.mkdir()
+    lower.mkdir()
+    out = tmp_path / "events.jsonl"
+    spool = tmp_path / "spool" / "spool.db"
+    config = parse(
+        {
+            "mounts": [{"name": "m", "upper": str(upper), "lowers": [str(lower)]}],
+            "sinks": {"out": {"type": "jsonl", "path": str(out)}},
+            "spool": {"path": str(spool)},
+        }
+    )
+    for run in range(2):
+        service = Service(config)
+        task = asyncio.create_task(service.run(signals=False))
+        async with asyncio.timeout(30):
+            await service.started.wait()
+            for i in range(5):
+                await asyncio.to_thread((upper / f"run{run}-{i}").write_bytes, b"x")
+            await service.sync()
+            service.stop.set()
+            await task
+        for path in spool.parent.iterdir():  # the spool's disk is lost
+            path.unlink()
+    events = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+    bodies: dict[str, bytes] = {}
+    for event in events:
+        body = orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
+        assert bodies.setdefault(event["id"], body) == body, f"{event['id']} names two events"
+    epochs = {event["id"].split(":")[1] for event in events}
+    assert len(epochs) == 2
+    assert sorted(int(e["sequence"]) for e in events).count(1) == 2  # both runs start at 1

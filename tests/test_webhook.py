@@ -124,16 +124,16 @@ async def test_every_event_arrives_in_order_through_failures(receiver: Receiver)
     await until(lambda: log.cursor("hook") == 30)
     stop.set()
     await task
-    assert receiver.accepted_ids() == [f"test:{n}" for n in range(1, 31)]
+    assert receiver.accepted_ids() == [f"test:1:{n}" for n in range(1, 31)]
     assert [s.status for s in receiver.seen[:6]] == [500, 200, 429, 200, 503, 200]
     assert len(receiver.seen) == 9  # 5 batches, 4 failed attempts
-    assert receiver.seen[4].headers["webhook-id"] == "test:8..test:14"
+    assert receiver.seen[4].headers["webhook-id"] == "test:1:8..test:1:14"
     assert all(verify(SECRET, s.headers, s.body) for s in receiver.seen)
     assert all(s.headers["Content-Type"] == CONTENT_TYPE for s in receiver.seen)
     # the retries of a batch reuse its webhook-id and body
     assert receiver.seen[0].body == receiver.seen[1].body == receiver.seen[2].body
-    assert receiver.seen[0].headers["webhook-id"] == "test:1..test:7"
-    assert receiver.seen[3].headers["webhook-id"] == "test:1..test:7"
+    assert receiver.seen[0].headers["webhook-id"] == "test:1:1..test:1:7"
+    assert receiver.seen[3].headers["webhook-id"] == "test:1:1..test:1:7"
     # Retry-After was honoured, in seconds and as an HTTP date
     assert receiver.seen[3].at - receiver.seen[2].at >= 0.95
     assert receiver.seen[5].at - receiver.seen[4].at >= 0.45
@@ -156,9 +156,9 @@ async def test_client_error_is_rejected_and_dead_lettered(
     stop.set()
     await task
     lines = [orjson.loads(line) for line in dead.read_bytes().splitlines()]
-    assert [line["event"]["id"] for line in lines] == ["test:1", "test:2"]
+    assert [line["event"]["id"] for line in lines] == ["test:1:1", "test:1:2"]
     assert "422" in lines[0]["reason"]
-    assert receiver.accepted_ids() == ["test:3", "test:4"]
+    assert receiver.accepted_ids() == ["test:1:3", "test:1:4"]
 
 
 @pytest.mark.parametrize(
@@ -217,11 +217,11 @@ async def test_single_event_id_extra_headers_and_no_secret(receiver: Receiver) -
     await sink.send(make_records(5, 1))
     await sink.close()
     [seen] = receiver.seen
-    assert seen.headers["webhook-id"] == "test:5"
+    assert seen.headers["webhook-id"] == "test:1:5"
     assert seen.headers["Authorization"] == "Bearer t"
     assert "webhook-signature" not in seen.headers
     assert abs(int(seen.headers["webhook-timestamp"]) - time.time()) < 5
-    assert [e["id"] for e in orjson.loads(seen.body)] == ["test:5"]
+    assert [e["id"] for e in orjson.loads(seen.body)] == ["test:1:5"]
 
 
 async def test_webhook_keeps_the_contract(receiver: Receiver) -> None:

@@ -335,17 +335,22 @@ def _auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamRe
 # -- stream requests -----------------------------------------------------------------------
 
 
-def _since(request: web.Request, head: int) -> int:
+def _since(request: web.Request, head: int, epoch: int) -> int:
+    """The client's position: ``Last-Event-ID`` (``EPOCH:SEQ``, as SSE sends it) or
+    ``?since=SEQ``; absent: the head (live only). A position of another spool (its epoch is not
+    this spool's) is -1: the stream starts with a snapshot."""
     raw = request.headers.get("Last-Event-ID") or request.query.get("since")
     if raw is None or raw == "":
         return head
+    epoch_text, colon, seq_text = raw.rpartition(":")
     try:
-        since = int(raw)
+        since = int(seq_text)
+        other = bool(colon) and int(epoch_text) != epoch
     except ValueError:
-        _refuse(400, f"since / Last-Event-ID must be a sequence number, got {raw[:40]!r}")
+        _refuse(400, f"since / Last-Event-ID must be SEQ or EPOCH:SEQ, got {raw[:40]!r}")
     if since < 0:
         _refuse(400, "since must not be negative")
-    return since
+    return -1 if other else since
 
 
 @dataclass(slots=True)
@@ -404,6 +409,11 @@ class _Api:
     def _head(self) -> int:
         assert self.service.publisher is not None
         return self.service.publisher.head_seq
+
+    @property
+    def _epoch(self) -> int:
+        assert self.service.spool is not None
+        return self.service.spool.epoch
 
     async def close_streams(self, _app: web.Application) -> None:
         """``on_shutdown``: end every stream (cleanly, at a frame boundary)."""
@@ -686,15 +696,15 @@ class _Api:
         return frozenset(names) if names else None
 
     async def events_sse(self, request: web.Request) -> web.StreamResponse:
-        """Server-Sent Events; ``id:`` is the sequence, ``Last-Event-ID`` or ``since`` resumes."""
-        since = _since(request, self._head)
+        """Server-Sent Events; ``id:`` is ``EPOCH:SEQ``, ``Last-Event-ID`` or ``since`` resumes."""
+        since = _since(request, self._head, self._epoch)
         mounts = self._filter(request)
         with self._stream_slot():
             return await self.events.sse(request, since, mounts)
 
     async def events_ws(self, request: web.Request) -> web.StreamResponse:
         """WebSocket: one CloudEvents JSON text message per event; ``?since=`` resumes."""
-        since = _since(request, self._head)
+        since = _since(request, self._head, self._epoch)
         mounts = self._filter(request)
         with self._stream_slot():
             return await self.events.websocket(request, since, mounts)

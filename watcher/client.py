@@ -147,12 +147,12 @@ async def tail(
     Raises:
         ServerError: the API refused the request (a lost connection is retried instead).
     """
-    last = since
+    last = None if since is None else str(since)  # then the server's ids: EPOCH:SEQ
     written = 0
     delay = 0.2
     query = f"?mount={mount}" if mount else ""
     while limit is None or written < limit:
-        headers = {"Last-Event-ID": str(last)} if last is not None else {}
+        headers = {"Last-Event-ID": last} if last is not None else {}
         try:
             async with (
                 _session(server, token) as session,
@@ -160,10 +160,10 @@ async def tail(
             ):
                 await _check(r)
                 delay = 0.2
-                pending: int | None = None  # an event's id counts once its frame is whole
+                pending: str | None = None  # an event's id counts once its frame is whole
                 async for line in r.content:
                     if line.startswith(b"id: "):
-                        pending = int(line[4:])
+                        pending = line[4:].strip().decode("ascii", "replace")
                     elif line.startswith(b"data: "):
                         out.write(line[6:].rstrip(b"\n") + b"\n")
                         out.flush()

@@ -1,7 +1,9 @@
 """The event envelope: CloudEvents 1.0 in structured JSON mode, encoded with orjson.
 
 This module is the one definition of an event. Every event has a place in one sequence per
-service (``seq``); its ``id`` is ``STREAM:SEQ`` so a retried delivery reuses it. The JSON
+service (``seq``); its ``id`` is ``STREAM:EPOCH:SEQ``, so a retried delivery reuses it, and the
+epoch (the identity of the spool that numbered it, made when the spool was created) keeps a
+new spool, whose sequence starts again at 1, from reissuing an id an old one used. The JSON
 Schema of ``data`` for every type lives in ``watcher/schema/``.
 """
 
@@ -49,16 +51,19 @@ class Record:
         mount: the mount the event belongs to ("" for service-wide events).
         type: the CloudEvents ``type``.
         body: the whole CloudEvents JSON object, orjson-encoded, without a trailing newline.
+        epoch: the identity of the spool (or ``watch`` run) that numbered it: its creation
+            time in ms; (epoch, seq) names one event forever. 0 only in hand-made records.
     """
 
     seq: int
     mount: str
     type: str
     body: bytes
+    epoch: int = 0
 
     @property
     def id(self) -> str:
-        """The CloudEvents ``id`` (``STREAM:SEQ``)."""
+        """The CloudEvents ``id`` (``STREAM:EPOCH:SEQ``)."""
         return str(orjson.loads(self.body)["id"])
 
 
@@ -101,14 +106,16 @@ class EventEncoder:
     """Builds and encodes the events of one stream.
 
     Args:
-        stream: the stream name, the first half of every ``id`` (unique per service).
+        stream: the stream name, the first part of every ``id`` (unique per service).
         host: the host name used in ``source``.
+        epoch: the identity of the sequence: the spool's epoch (its creation time in ms).
     """
 
-    __slots__ = ("_source", "_stream")
+    __slots__ = ("_prefix", "_source", "epoch")
 
-    def __init__(self, *, stream: str, host: str) -> None:
-        self._stream = stream
+    def __init__(self, *, stream: str, host: str, epoch: int) -> None:
+        self.epoch = epoch
+        self._prefix = f"{stream}:{epoch}:"
         self._source = f"/layerwatch/{host}"
 
     def _envelope(
@@ -116,7 +123,7 @@ class EventEncoder:
     ) -> bytes:
         event: dict[str, Any] = {
             "specversion": "1.0",
-            "id": f"{self._stream}:{seq}",
+            "id": f"{self._prefix}{seq}",
             "source": self._source,
             "type": type_,
             "time": _time(now),
@@ -163,7 +170,7 @@ class EventEncoder:
         if labels:
             data["labels"] = dict(labels)
         body = self._envelope(seq, CHANGE, subject(transition.path), data, now)
-        return Record(seq, mount, CHANGE, body)
+        return Record(seq, mount, CHANGE, body, self.epoch)
 
     def control(
         self,
@@ -178,4 +185,4 @@ class EventEncoder:
         """Encode a control event (snapshot bounds, resync, bookmark, gap)."""
         if labels:
             data = {**data, "labels": dict(labels)}
-        return Record(seq, mount, type_, self._envelope(seq, type_, None, data, now))
+        return Record(seq, mount, type_, self._envelope(seq, type_, None, data, now), self.epoch)

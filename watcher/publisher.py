@@ -39,6 +39,8 @@ class Publisher:
         first_seq: the sequence number of the first event (continue after a restart).
         stream: the stream name in event ids (default: the host name).
         host: the host name in ``source``.
+        epoch: the identity of the sequence in event ids: the spool's ``epoch``; without a
+            spool (``layerwatch watch``), the time the publisher was made, in ms.
     """
 
     def __init__(
@@ -48,9 +50,12 @@ class Publisher:
         first_seq: int = 1,
         stream: str | None = None,
         host: str | None = None,
+        epoch: int | None = None,
     ) -> None:
         host = host or socket.gethostname()
-        self.encoder = EventEncoder(stream=stream or host, host=host)
+        if epoch is None:
+            epoch = time.time_ns() // 1_000_000
+        self.encoder = EventEncoder(stream=stream or host, host=host, epoch=epoch)
         self._outlet = outlet
         self.next_seq = first_seq
         self.published = 0

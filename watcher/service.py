@@ -207,7 +207,10 @@ class Service:
             self.spool = spool
             intake = self.intake = Intake(spool)
             publisher = self.publisher = Publisher(
-                intake.put, first_seq=spool.last_seq + 1, stream=self.config.stream
+                intake.put,
+                first_seq=spool.last_seq + 1,
+                stream=self.config.stream,
+                epoch=spool.epoch,
             )
             inotify = stack.enter_context(Inotify())
             hub = Hub(inotify, publisher.publish, rescan_interval=self.config.rescan_interval)

@@ -388,7 +388,7 @@ class Spool:
                 "ORDER BY seq LIMIT ?",
                 (after, last, limit),
             ).fetchall()
-        return [Record(seq, mount, type_, body) for seq, mount, type_, body in rows]
+        return [Record(seq, mount, type_, body, self._epoch) for seq, mount, type_, body in rows]
 
     async def wait(self, after: int) -> None:
         """Return as soon as ``last_seq > after``; cancellable.

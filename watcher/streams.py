@@ -47,9 +47,10 @@ class Frame:
     seq: int | None
     body: bytes | None
 
-    def sse(self) -> bytes:
-        """The frame in Server-Sent Events framing (a heartbeat is a comment)."""
-        head = b"" if self.seq is None else b"id: %d\n" % self.seq
+    def sse(self, epoch: int) -> bytes:
+        """The frame in Server-Sent Events framing (a heartbeat is a comment); its ``id:`` is
+        ``EPOCH:SEQ``, so a position from another spool is never taken for one of this."""
+        head = b"" if self.seq is None else b"id: %d:%d\n" % (epoch, self.seq)
         if self.body is None:
             return b": keep-alive\n" + head + b"\n"
         return head + b"data: " + self.body + b"\n\n"
@@ -113,9 +114,11 @@ class EventStream:
         )
         await resp.prepare(request)
         await resp.write(b": layerwatch events\nretry: 1000\n\n")
+        spool = self._service.spool
+        assert spool is not None
         try:
             async for frames in self.frames(since, mounts):
-                chunk = b"".join(frame.sse() for frame in frames)
+                chunk = b"".join(frame.sse(spool.epoch) for frame in frames)
                 try:
                     async with asyncio.timeout(self._write_timeout):
                         await resp.write(chunk)
@@ -183,7 +186,9 @@ class EventStream:
         """The stream after ``since``: replay from the spool, then live; heartbeats when idle.
 
         Args:
-            since: the client's position (every event up to it was delivered).
+            since: the client's position (every event up to it was delivered); a position
+                before the oldest retained event, beyond the head, or negative (one of another
+                spool) starts with a snapshot.
             mounts: the mounts to pass (service-wide events always pass); None for all.
 
         Yields:
@@ -239,8 +244,10 @@ class EventStream:
         Every event carries the head ``H`` as its sequence (the list is the one at ``H``); only
         the last frame carries a resume position (``H``), so a client that drops out half-way
         resumes from where it was and gets the whole snapshot again. Event ids are
-        ``STREAM~snapshot@H:N``: the same snapshot gets the same ids, and they never collide
-        with the ids of the spool (``STREAM:SEQ``).
+        ``STREAM~snapshot@H:EPOCH:N``: the same snapshot of the same spool gets the same ids,
+        and they never collide with the ids of a spool (``STREAM:EPOCH:SEQ``). The resync's
+        reason is ``retention``: the position is not one this spool holds (older than its
+        retention, beyond its head, or of another spool).
         """
         publisher = self._service.publisher
         assert publisher is not None
@@ -253,7 +260,8 @@ class EventStream:
             items += [(name, item) for item in tracker.snapshot_items("retention")]
         self.snapshots += 1
         log.info("api_stream_snapshot", since=since, head=head, mounts=len(names))
-        stream = f"{self._service.config.stream}~snapshot@{head}"
+        assert self._service.spool is not None
+        stream = f"{self._service.config.stream}~snapshot@{head}:{self._service.spool.epoch}"
         frames = []
         for i, (name, item) in enumerate(items, start=1):
             body = orjson.loads(self._encode(head, name, item).body)

@@ -116,7 +116,7 @@ def make_records(
         stream: the stream half of each event id.
         paths: the paths to cycle through (default ``/file-SEQ``); may be any bytes.
     """
-    encoder = EventEncoder(stream=stream, host="testing")
+    encoder = EventEncoder(stream=stream, host="testing", epoch=1)
     records = []
     for seq in range(start, start + count):
         path = paths[(seq - start) % len(paths)] if paths else f"/file-{seq}".encode()
@@ -325,7 +325,9 @@ def _stat(size: int) -> os.stat_result:
     return os.stat_result((stat.S_IFREG | 0o644, 1, 1, 1, 0, 0, size, 0, 1_700_000_000, 0))
 
 
-def mixed_records(count: int, *, start: int = 1, mounts: Sequence[str] = MOUNTS) -> list[Record]:
+def mixed_records(
+    count: int, *, start: int = 1, mounts: Sequence[str] = MOUNTS, epoch: int = 1
+) -> list[Record]:
     """``count`` realistic events with sequence numbers from ``start``, mounts round-robin.
 
     Every 50th event is a service-wide bookmark (mount ``""``), the two after it a snapshot's
@@ -336,8 +338,9 @@ def mixed_records(count: int, *, start: int = 1, mounts: Sequence[str] = MOUNTS)
         count: how many records.
         start: the first sequence number.
         mounts: the mount names to cycle through.
+        epoch: the spool epoch in their ids (another one: events of a spool made anew).
     """
-    encoder = EventEncoder(stream="s", host="h")
+    encoder = EventEncoder(stream="s", host="h", epoch=epoch)
     now = 1_700_000_000.0
     records = []
     for seq in range(start, start + count):
@@ -365,7 +368,7 @@ def change_list_records() -> tuple[list[Record], dict[str, dict[bytes, str]]]:
     Returns:
         The records, and per mount the expected list (path to ``"A"`` or ``"C"``).
     """
-    encoder = EventEncoder(stream="s", host="h")
+    encoder = EventEncoder(stream="s", host="h", epoch=1)
     records: list[Record] = []
 
     def change(mount: str, path: bytes, kind: Kind | None, prev: Kind | None, op: Op) -> None:

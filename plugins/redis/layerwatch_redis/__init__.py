@@ -1,10 +1,17 @@
 """layerwatch sink for Redis Streams: the only module that imports ``redis``.
 
-Each record is ``XADD``-ed to its mount's stream with an explicit entry id derived from its
-sequence number (``SEQ-0``). Sequence numbers grow across the whole service, so they grow
-within each mount's stream too, and Redis refuses an id equal to or below a stream's last id:
-a record written by an earlier, half-acknowledged attempt fails with that error on retry,
-which this sink counts as "already written". No record can be written twice.
+Each record is ``XADD``-ed to its mount's stream with an explicit entry id made of its spool's
+epoch and its sequence number (``EPOCH-SEQ``; the epoch is the spool's creation time in ms, so
+the id reads as a time like any Redis entry id). Sequence numbers grow across the whole
+service, so they grow within each mount's stream too; a spool made anew after a loss starts
+its sequence again at 1 but has a later epoch, so its entries still go after the old ones.
+Redis refuses an id equal to or below a stream's last id. A record written by an earlier,
+half-acknowledged attempt fails with that error on retry; the sink then reads the entry at
+that id, and only when it holds this very event (same event id) counts it as "already
+written". Anything else means the stream is ahead of this spool in a way no retry explains
+(another writer, a spool whose clock went back): the sink says so loudly (warning
+``redis_stream_ahead``, unhealthy) and rejects the batch, so the runner dead-letters it; it
+never skips a record silently. No record can be written twice.
 
 The batch goes out as one ``MULTI``/``EXEC`` pipeline (one round trip). A plain pipeline
 (``transaction=False``) could write record 5 of a stream after record 4 failed (say, out of
@@ -44,9 +51,18 @@ _ALREADY_WRITTEN: Final = "equal or smaller than the target stream top item"
 """The tail of Redis's error for an ``XADD`` id at or below the stream's last id."""
 
 
-def entry_id(seq: int) -> str:
-    """The stream entry id of the event with sequence number ``seq`` (``SEQ-0``; 0 -> ``0-1``)."""
-    return f"{seq}-0" if seq > 0 else "0-1"
+def entry_id(record: Record) -> str:
+    """The stream entry id of ``record``: ``EPOCH-SEQ`` (``0-0``, below every valid id, is
+    ``0-1``)."""
+    if record.epoch == 0 and record.seq == 0:
+        return "0-1"
+    return f"{record.epoch}-{record.seq}"
+
+
+def _parse_id(raw: bytes) -> tuple[int, int]:
+    """A stream entry id (``MS-SEQ``) as a pair that sorts like Redis sorts ids."""
+    ms, _, seq = raw.partition(b"-")
+    return int(ms), int(seq or 0)
 
 
 class RedisSink:
@@ -107,7 +123,7 @@ class RedisSink:
             pipe.xadd(
                 self.stream(record.mount),
                 {"id": record.id, "type": record.type, "event": record.body},
-                id=entry_id(record.seq),
+                id=entry_id(record),
                 maxlen=self._maxlen,
                 approximate=True,
             )
@@ -116,21 +132,61 @@ class RedisSink:
         except (OSError, redis.exceptions.RedisError) as exc:
             self._health = Health(ok=False, detail=repr(exc))
             raise SinkUnavailable(f"redis: batch not written: {exc!r}") from exc
-        duplicates = 0
+        refused = []
         for record, result in zip(batch, results, strict=True):
             if not isinstance(result, redis.exceptions.ResponseError):
                 continue
             if _ALREADY_WRITTEN in str(result):
-                duplicates += 1
+                refused.append(record)
                 continue
             self._health = Health(ok=False, detail=repr(result))
             key = self.stream(record.mount)
             if str(result).startswith("WRONGTYPE"):
                 raise SinkRejected(f"redis: {key} is not a stream: {result}") from result
             raise SinkUnavailable(f"redis: {key}: {result}") from result
-        if duplicates:
-            self._log.info("redis_duplicates_skipped", count=duplicates, batch=len(batch))
+        if refused:
+            await self._check_written(refused)
+            self._log.info("redis_duplicates_skipped", count=len(refused), batch=len(batch))
         self._health = Health(ok=True)
+
+    async def _check_written(self, refused: Sequence[Record]) -> None:
+        """Make sure each record Redis refused as "at or below the top" was written before.
+
+        It was when the stream holds this very event at its entry id, or (with ``maxlen``)
+        when the id is below the stream's oldest entry: written, then trimmed away.
+
+        Raises:
+            SinkRejected: the stream holds something else at the id, or lacks it in the range
+                it retains: it is ahead of this spool in a way no retry explains.
+            SinkUnavailable: the server could not be asked.
+        """
+        assert self._client is not None
+        pipe = self._client.pipeline(transaction=False)
+        for record in refused:
+            key = self.stream(record.mount)
+            pipe.xrange(key, entry_id(record), entry_id(record), count=1)
+            pipe.xrange(key, "-", "+", count=1)
+        try:
+            found = await pipe.execute()
+        except (OSError, redis.exceptions.RedisError) as exc:
+            self._health = Health(ok=False, detail=repr(exc))
+            raise SinkUnavailable(f"redis: cannot check a retried batch: {exc!r}") from exc
+        for i, record in enumerate(refused):
+            at, oldest = found[2 * i], found[2 * i + 1]
+            held = at[0][1].get(b"id", b"").decode(errors="replace") if at else None
+            if held == record.id:
+                continue
+            trimmed = held is None and self._maxlen is not None and bool(oldest)
+            if trimmed and _parse_id(oldest[0][0]) > (record.epoch, record.seq):
+                continue  # written, then trimmed away
+            key = self.stream(record.mount)
+            what = f"holds {held}" if held is not None else "is missing below the top"
+            detail = f"redis: {key} is ahead of this spool: entry {entry_id(record)} {what}"
+            self._health = Health(ok=False, detail=detail)
+            self._log.warning(
+                "redis_stream_ahead", stream=key, entry=entry_id(record), id=record.id, held=held
+            )
+            raise SinkRejected(f"{detail}, not {record.id}")
 
     def health(self) -> Health:
         """The outcome of the last connect or batch."""

@@ -47,7 +47,7 @@ async def check_streams(sink: RedisSink, url: str, sent: Sequence[Record]) -> No
         for entry, fields in streams[sink.stream(mount)]:
             record = by_id[fields[b"id"].decode()]
             assert record.mount == mount
-            assert entry == entry_id(record.seq)
+            assert entry == entry_id(record)
             assert fields == {
                 b"id": record.id.encode(),
                 b"type": record.type.encode(),

@@ -7,11 +7,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+import structlog
 from layerwatch_redis import RedisSink, entry_id
-from rediskit import RedisServer, check_streams
+from rediskit import RedisServer, check_streams, read_streams
 
 from watcher import testing
 from watcher.errors import SinkRejected, SinkUnavailable
+from watcher.events import Record
 
 
 async def test_stream_arrives_complete_and_in_order_per_mount(
@@ -82,7 +84,7 @@ async def test_maxlen_trims_approximately(redis_server: RedisServer) -> None:
     await client.aclose()
     assert 10 <= length < 2000
     last_web = [record for record in sent if record.mount == "web"][-1]
-    assert last[0][0].decode() == entry_id(last_web.seq)
+    assert last[0][0].decode() == entry_id(last_web)
 
 
 async def test_unreachable_server_is_unavailable() -> None:
@@ -106,9 +108,40 @@ def test_bad_options_name_the_key(options: dict[str, object], key: str) -> None:
     testing.check_option_error(RedisSink, "r", options, key)
 
 
-def test_entry_ids_grow_with_the_sequence() -> None:
-    """Entry ids are SEQ-0, valid for Redis (above 0-0) and ordered like the sequence."""
-    assert [entry_id(seq) for seq in (0, 1, 2, 10)] == ["0-1", "1-0", "2-0", "10-0"]
+def test_entry_ids_are_epoch_then_sequence() -> None:
+    """Entry ids are EPOCH-SEQ, valid for Redis (above 0-0): a later spool's come after."""
+    made = [Record(seq, "m", "t", b"{}", epoch) for epoch, seq in ((0, 0), (7, 1), (7, 10), (9, 1))]
+    assert [entry_id(r) for r in made] == ["0-1", "7-1", "7-10", "9-1"]
+
+
+async def test_a_new_spool_after_a_lost_one_is_written_not_skipped(
+    sink: RedisSink, redis_server: RedisServer
+) -> None:
+    """A spool made anew (later epoch, sequence from 1 again) appends after the old one's
+    entries; none of its records is taken for "already written"."""
+    old = testing.mixed_records(50, mounts=("web",))
+    await sink.send(old)
+    new = testing.mixed_records(20, mounts=("web",), epoch=2)
+    await sink.send(new)
+    await sink.send(new[:5])  # a retry of part of it: still deduplicated
+    streams = await read_streams(redis_server.url, ["layerwatch:web"])
+    ids = [fields[b"id"].decode() for _, fields in streams["layerwatch:web"]]
+    assert ids == [r.id for r in old + new if r.mount == "web"]
+    assert sink.health().ok
+
+
+async def test_a_stream_ahead_of_the_spool_is_rejected_loudly(
+    sink: RedisSink, redis_server: RedisServer
+) -> None:
+    """Records refused as "below the top" that the stream does not hold are rejected (so
+    dead-lettered) with a warning and unhealthy status, never skipped as duplicates."""
+    admin = redis.asyncio.Redis.from_url(redis_server.url)
+    await admin.xadd("layerwatch:web", {"id": "someone-else"}, id="999999-0")
+    await admin.aclose()
+    with structlog.testing.capture_logs() as logs, pytest.raises(SinkRejected, match="ahead"):
+        await sink.send(testing.mixed_records(3, mounts=("web",)))
+    assert "redis_stream_ahead" in [entry["event"] for entry in logs]
+    assert not sink.health().ok
 
 
 async def test_server_killed_mid_stream_loses_and_doubles_nothing(

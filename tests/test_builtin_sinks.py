@@ -170,7 +170,7 @@ async def test_jsonl_appends_lines(tmp_path: Path) -> None:
         await sink.open()
         await sink.send(make_records(start, 3))
         await sink.close()
-    assert ids(path.read_bytes()) == [f"test:{n}" for n in range(1, 7)]
+    assert ids(path.read_bytes()) == [f"test:1:{n}" for n in range(1, 7)]
 
 
 async def test_jsonl_rotates_and_keeps_files(tmp_path: Path) -> None:
@@ -189,9 +189,9 @@ async def test_jsonl_rotates_and_keeps_files(tmp_path: Path) -> None:
         "events.jsonl.1",
         "events.jsonl.2",
     ]
-    assert ids(path.read_bytes()) == ["test:7", "test:8", "test:9"]
-    assert ids((tmp_path / "events.jsonl.1").read_bytes()) == ["test:4", "test:5", "test:6"]
-    assert ids((tmp_path / "events.jsonl.2").read_bytes()) == ["test:1", "test:2", "test:3"]
+    assert ids(path.read_bytes()) == ["test:1:7", "test:1:8", "test:1:9"]
+    assert ids((tmp_path / "events.jsonl.1").read_bytes()) == ["test:1:4", "test:1:5", "test:1:6"]
+    assert ids((tmp_path / "events.jsonl.2").read_bytes()) == ["test:1:1", "test:1:2", "test:1:3"]
     assert all((tmp_path / name).stat().st_size <= 3 * line for name in listing(tmp_path))
 
 
@@ -202,9 +202,9 @@ async def test_jsonl_line_larger_than_max_bytes_gets_its_own_file(tmp_path: Path
     await sink.open()
     await sink.send(make_records(1, 3))
     await sink.close()
-    assert ids(path.read_bytes()) == ["test:3"]
-    assert ids((tmp_path / "events.jsonl.1").read_bytes()) == ["test:2"]
-    assert ids((tmp_path / "events.jsonl.2").read_bytes()) == ["test:1"]
+    assert ids(path.read_bytes()) == ["test:1:3"]
+    assert ids((tmp_path / "events.jsonl.1").read_bytes()) == ["test:1:2"]
+    assert ids((tmp_path / "events.jsonl.2").read_bytes()) == ["test:1:1"]
 
 
 @pytest.mark.parametrize("good_lines", [0, 2])
@@ -222,7 +222,7 @@ async def test_jsonl_repairs_a_torn_last_line(tmp_path: Path, good_lines: int) -
     assert event["dropped"] == len(torn)
     await sink.send(make_records(good_lines + 1, 1))
     await sink.close()
-    assert ids(path.read_bytes()) == [f"test:{n}" for n in range(1, good_lines + 2)]
+    assert ids(path.read_bytes()) == [f"test:1:{n}" for n in range(1, good_lines + 2)]
 
 
 async def test_jsonl_write_failure_is_retryable(tmp_path: Path) -> None:
@@ -253,7 +253,7 @@ async def test_jsonl_follows_its_path_when_the_file_goes(tmp_path: Path, removal
     with capture_logs() as logs:
         await sink.send(make_records(3, 2))
         await sink.send(make_records(5, 1))
-    assert ids(path.read_bytes()) == ["test:3", "test:4", "test:5"]
+    assert ids(path.read_bytes()) == ["test:1:3", "test:1:4", "test:1:5"]
     [event] = [e for e in logs if e["event"] == "jsonl_reopened"]
     assert event["log_level"] == "warning"
     assert event["reason"] == "missing"
@@ -261,7 +261,7 @@ async def test_jsonl_follows_its_path_when_the_file_goes(tmp_path: Path, removal
     assert sink.health().ok
     await sink.close()
     if removal == "rename":
-        assert ids((directory / "events.jsonl.old").read_bytes()) == ["test:1", "test:2"]
+        assert ids((directory / "events.jsonl.old").read_bytes()) == ["test:1:1", "test:1:2"]
 
 
 async def test_jsonl_follows_its_path_when_the_file_is_replaced(tmp_path: Path) -> None:
@@ -276,7 +276,7 @@ async def test_jsonl_follows_its_path_when_the_file_is_replaced(tmp_path: Path) 
     with capture_logs() as logs:
         await sink.send(make_records(3, 1))
     await sink.close()
-    assert ids(path.read_bytes()) == ["test:100", "test:3"]
+    assert ids(path.read_bytes()) == ["test:1:100", "test:1:3"]
     assert [e["reason"] for e in logs if e["event"] == "jsonl_reopened"] == ["replaced"]
 
 
@@ -307,7 +307,7 @@ async def test_jsonl_rewrites_a_batch_whose_file_went_during_the_write(
     monkeypatch.undo()
     await sink.close()
     assert removed
-    assert ids(path.read_bytes()) == ["test:2", "test:3", "test:4"]
+    assert ids(path.read_bytes()) == ["test:1:2", "test:1:3", "test:1:4"]
     assert [e["reason"] for e in logs if e["event"] == "jsonl_reopened"] == ["missing"]
 
 
@@ -324,8 +324,8 @@ async def test_jsonl_rotates_after_its_directory_was_removed(tmp_path: Path) -> 
     await sink.send(records[2:])
     await sink.close()
     assert listing(directory) == ["events.jsonl", "events.jsonl.1"]
-    assert ids((directory / "events.jsonl.1").read_bytes()) == ["test:3", "test:4", "test:5"]
-    assert ids(path.read_bytes()) == ["test:6"]
+    assert ids((directory / "events.jsonl.1").read_bytes()) == ["test:1:3", "test:1:4", "test:1:5"]
+    assert ids(path.read_bytes()) == ["test:1:6"]
 
 
 async def test_jsonl_rename_then_reopen_starts_a_new_file(tmp_path: Path) -> None:
@@ -349,8 +349,8 @@ async def test_jsonl_rename_then_reopen_starts_a_new_file(tmp_path: Path) -> Non
             await asyncio.sleep(0.01)
         stop.set()
         await task
-    assert ids((tmp_path / "events.jsonl.1").read_bytes()) == ["test:1", "test:2"]
-    assert ids(path.read_bytes()) == ["test:3", "test:4"]
+    assert ids((tmp_path / "events.jsonl.1").read_bytes()) == ["test:1:1", "test:1:2"]
+    assert ids(path.read_bytes()) == ["test:1:3", "test:1:4"]
     assert not [e for e in logs if e["event"] == "jsonl_reopened"]
 
 
@@ -399,7 +399,7 @@ async def test_exec_feeds_batches_on_stdin(tmp_path: Path) -> None:
     await sink.send(make_records(1, 3))
     await sink.send(make_records(4, 2))
     await sink.close()
-    assert ids(out.read_bytes()) == [f"test:{n}" for n in range(1, 6)]
+    assert ids(out.read_bytes()) == [f"test:1:{n}" for n in range(1, 6)]
     assert sink.health().ok
 
 
@@ -498,7 +498,7 @@ async def test_exec_runner_retries_a_command_that_leaves_a_child(
     failed = [e for e in logs if e["event"] == "sink_send_failed"]
     assert len(failed) >= 2
     assert all("did not finish" in e["error"] for e in failed)
-    assert ids(out.read_bytes()) == ["test:1", "test:2", "test:3"]
+    assert ids(out.read_bytes()) == ["test:1:1", "test:1:2", "test:1:3"]
     pids = pids_in(pidfile)
     assert len(pids) >= 4
     assert await all_gone(pids)
@@ -595,7 +595,7 @@ async def test_exec_debounce_batches_a_burst(tmp_path: Path) -> None:
         await asyncio.sleep(0.01)
     stop.set()
     await task
-    assert ids(out.read_bytes()) == [f"test:{n}" for n in range(1, 10)]
+    assert ids(out.read_bytes()) == [f"test:1:{n}" for n in range(1, 10)]
     assert runs.read_text() == "run\n"
 
 

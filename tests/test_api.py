@@ -220,6 +220,11 @@ async def test_healthz_metrics_and_mounts(tmp_path: Path) -> None:
             line for line in text.splitlines() if line.startswith("layerwatch_events_published")
         )
         assert int(published.split()[1]) >= 5  # two empty snapshots (2 x 2 controls), a change
+        assert "layerwatch_mounts_starting 0" in text
+        run.service.restarts["sink x"] = 2  # as the supervisor counts a sink runner's failures
+        async with s.get("/metrics") as resp:
+            text = await resp.text()
+        assert 'layerwatch_component_restarts_total{component="sink x"} 2' in text
         async with s.get("/v1/mounts") as resp:
             mounts = {m["name"]: m for m in (await resp.json())["mounts"]}
         assert set(mounts) == {"m", "att"}

@@ -489,6 +489,16 @@ class _Api:
             text.sample("mount_entries", len(state.tracker.kinds), mount=name)
             text.sample("mount_watches", state.tracker.watch_count, mount=name)
             text.sample("mount_degraded", int(bool(state.tracker.degraded)), mount=name)
+        text.family(
+            "component_restarts_total",
+            "counter",
+            "Unexpected failures of a component (sink runner, mount start, discovery, API, "
+            "housekeeping), each followed by a restart.",
+        )
+        for component, count in sorted(svc.restarts.items()):
+            text.sample("component_restarts_total", count, component=component)
+        text.family("mounts_starting", "gauge", "Configured mounts whose first scan runs.")
+        text.sample("mounts_starting", svc.starting)
         text.family("api_streams", "gauge", "Stream clients connected.")
         text.sample("api_streams", len(self.streams))
         text.family("api_streams_dropped_total", "counter", "Stream clients dropped as too slow.")

@@ -158,6 +158,11 @@ class Service:
         for runner in self.runners.values():
             runner.reopen()
 
+    @property
+    def starting(self) -> int:
+        """Configured mounts whose first start has not ended yet."""
+        return len(self._starting)
+
     def degraded(self) -> list[str]:
         """Why the service is not fully healthy (empty when it is)."""
         reasons = [f"mount {name}: starting" for name in self._starting]

@@ -15,19 +15,13 @@ import pytest
 from hypothesis import settings
 from overlay import Overlay, build_lower, mount_overlay, requires_overlay
 
-_SHARED_CASES = Path(__file__).resolve().parents[2] / "shared/conformance/cases.json"
-CASES_FILE = Path(
-    os.environ.get("LAYERWATCH_CASES")
-    or (_SHARED_CASES if _SHARED_CASES.is_file() else Path(__file__).parent / "data/cases.json")
-)
-"""The public conformance cases (DESIGN section 2): the team's shared copy beside the checkout
-when there is one, else the copy in ``tests/data``; ``LAYERWATCH_CASES`` overrides both."""
+CASES_FILE = Path(__file__).parent / "data/conformance/cases.json"
+"""The public conformance cases with the answers a real ``docker diff`` gave (the rules they
+exercise are in ``docs/rules.md``). Only this in-repo copy is read."""
 
 
 def load_cases() -> dict[str, Any]:
-    """Load ``cases.json``; an empty skeleton when the file is not present."""
-    if not CASES_FILE.is_file():
-        return {"lower": {"mtime": 0, "entries": []}, "cases": []}
+    """Load ``cases.json``; a missing file raises, so the cases can never be skipped quietly."""
     with CASES_FILE.open(encoding="utf-8") as fh:
         data: dict[str, Any] = json.load(fh)
     return data

@@ -336,7 +336,7 @@ class Hub(WatchOps):
             for tracker, paths in dirty.items():
                 if tracker.mount in self.trackers and not tracker.degraded_by_error:
                     items = self._guard(tracker, functools.partial(tracker.reconcile, paths))
-                    await self._publish(tracker, items)
+                    await self._publish_chunked(tracker, items)  # a new branch: a snapshot
         if cookies:
             await self._poll()  # a branch replaced without an event is found at the barrier
             for name in cookies:

@@ -4,6 +4,12 @@ inotify events are hints: each marks a path dirty, and reconciling a dirty path 
 (and B, cached) through ``watcher.changes.Rules``; only real transitions come out. The tracker
 keeps each entry's own kind (rules 1 to 7) apart from the list (rule 8 added), and counts per
 directory the children in the list, so a change updates its ancestors in O(depth).
+
+The branch itself can be replaced under the tracker (``rm -rf U && mkdir U``, ``mv U U.old``,
+an attached mountpoint mounted again over a new upper). ``check_branch`` asks the mount's
+resolver where U is now and compares that directory's device and inode with the watched root:
+a new branch is followed from scratch (a ``resync`` of reason ``branch_replaced``, then a
+snapshot); no branch at all degrades the mount (``branch_missing``) until there is one again.
 """
 
 from __future__ import annotations
@@ -12,16 +18,16 @@ import os
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 
 from watcher.changes import Change, DirState, Kind, Op, Rules, Transition
-from watcher.errors import WatchError, WatchLimitError
+from watcher.errors import LayerwatchError, WatchError, WatchLimitError
 from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.layers import LowerStack, child_path
 
-__all__ = ["Control", "Item", "Tracker", "WatchOps"]
+__all__ = ["Branch", "Control", "Item", "Resolver", "Tracker", "WatchOps"]
 
 log = structlog.get_logger("layerwatch.tracker")
 
@@ -36,6 +42,33 @@ class Control:
 
 Item = Transition | Control
 """What a tracker emits: transitions and control events, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """Where a mount's writable branch is now: what a ``Resolver`` answers.
+
+    Attributes:
+        upper: U's path.
+        lower: B. A resolver hands back the same object for as long as the layers are the
+            same ones (B's cache is kept); a new object means a new lower stack.
+        xattr_prefix: overlay's metadata xattr prefix.
+    """
+
+    upper: bytes
+    lower: LowerStack
+    xattr_prefix: bytes = b"trusted.overlay."
+
+
+Resolver = Callable[[], Branch]
+"""Where a mount's branch is now. Raises ``LayerwatchError`` or ``OSError``, saying why, when
+there is none (nothing mounted at an attached mountpoint, say). The default resolver answers
+the tracker's own upper path and lower stack: a detached branch stays where it was."""
+
+BRANCH_REPLACED: Final = "branch_replaced"
+"""The reason of the resync (and snapshot) that follows a new branch."""
+BRANCH_MISSING: Final = "branch_missing"
+"""What ``Tracker.degraded`` starts with while the mount has no branch."""
 
 
 class WatchOps(Protocol):
@@ -123,6 +156,8 @@ class Tracker:
         lower: B, the lower stack.
         watches: the shared inotify instance.
         xattr_prefix: overlay's metadata xattr prefix.
+        resolve: where the branch is now (``check_branch``); by default ``upper`` and
+            ``lower`` again.
     """
 
     def __init__(
@@ -133,10 +168,24 @@ class Tracker:
         watches: WatchOps,
         *,
         xattr_prefix: bytes = b"trusted.overlay.",
+        resolve: Resolver | None = None,
     ) -> None:
         self.mount = mount
         self.upper = os.path.realpath(upper).rstrip(b"/")
         self.rules = Rules(upper, lower, xattr_prefix=xattr_prefix)
+        self.xattr_prefix = xattr_prefix
+        configured = upper
+        self._resolve = resolve or (lambda: Branch(configured, lower, xattr_prefix))
+        self._root: tuple[int, int] | None = None
+        """Device and inode of the watched root; None while there is no branch."""
+        self._root_lost = False
+        """The watched root itself is gone (deleted: its watch was dropped). Its inode number
+        may be given to the next directory made, so that one is a new branch regardless."""
+        self._gone: tuple[bytes, LowerStack, int, int] | None = None
+        """The branch that went missing (upper, lower, device, inode): if it comes back
+        unchanged, the list is kept and brought in step by a rescan, not a snapshot."""
+        self._generation = 0
+        """Counts the branches followed: a change means the old branch was left."""
         self._watches = watches
         self._own: dict[bytes, Kind] = {}
         self.kinds: dict[bytes, Kind] = {}
@@ -177,6 +226,8 @@ class Tracker:
         ``persisted`` is the list saved by an earlier run: what changed while the service was
         down comes out as transitions (op ``rescan``) after a ``resync`` of reason ``restart``.
         """
+        st = os.lstat(self.upper)
+        self._root = (st.st_dev, st.st_ino)
         if persisted is not None:
             self.kinds = dict(persisted)
             self._out.append(Control(RESYNC, {"mount": self.mount, "reason": "restart"}))
@@ -185,7 +236,7 @@ class Tracker:
         else:
             self._quiet = True  # the snapshot below says it all: no transitions, no lstat
             try:
-                self._scan_tree(b"/", self.rules.root(), os.lstat(self.upper).st_ino, Op.SNAPSHOT)
+                self._scan_tree(b"/", self.rules.root(), st.st_ino, Op.SNAPSHOT)
             finally:
                 self._quiet = False
         self._snapshot(reason)
@@ -216,30 +267,114 @@ class Tracker:
             return directory
         return child_path(directory, entry)
 
-    def forget_wd(self, wd: int) -> None:
-        """The kernel dropped ``wd`` (IN_IGNORED)."""
+    def forget_wd(self, wd: int) -> bytes | None:
+        """The kernel dropped ``wd`` (IN_IGNORED); returns the directory it stood for.
+
+        ``b"/"`` means U's root lost its watch (deleted, or its filesystem unmounted): make
+        ``/`` dirty, and ``reconcile`` checks the branch.
+        """
         path = self._wd_path.pop(wd, None)
         if path is not None:
             info = self._dirs.get(path)
             if info is not None and info.wd == wd:
                 info.wd = None
+        if path == b"/":
+            self._root_lost = True
+        return path
 
     def reconcile(self, dirty: Mapping[bytes, Op]) -> list[Item]:
-        """Bring the list in step for every dirty path (parents first); return the items."""
+        """Bring the list in step for every dirty path (parents first); return the items.
+
+        An event on U's root itself (``/`` dirty: deleted, moved, unmounted), or U's path no
+        longer leading to the watched root (a parent renamed: no event for that), checks the
+        branch first; when it was left, the other paths were the old branch's and are dropped.
+        """
+        if dirty.get(b"/") is Op.DELETE:  # IN_DELETE_SELF of the root
+            self._root_lost = True
+        moved = b"/" in dirty or self._root_moved()
+        if moved and (left := self._branch_left()) is not None:
+            return left
         for path in sorted(dirty, key=lambda p: (p.count(b"/"), p)):
             self._reconcile_one(path, dirty[path])
         return _net(self.take())
 
     def resync(self, reason: str) -> list[Item]:
-        """Rescan everything (overflow, watch limits): a resync, real transitions, a snapshot."""
-        self._out.append(Control(RESYNC, {"mount": self.mount, "reason": reason}))
-        self._rescan()
-        self._snapshot(reason)
+        """Rescan everything (overflow, watch limits): a resync, real transitions, a snapshot.
+
+        A branch that was replaced meanwhile is followed instead (``check_branch``), and one
+        that is missing is not scanned at all.
+        """
+        if (left := self._branch_left()) is not None:
+            return left
+        self._resync(reason)
         return self.take()
 
     def rescan(self) -> list[Item]:
         """Rescan everything and emit only the real transitions (degraded mode's poll)."""
         self._rescan()
+        return self.take()
+
+    def poll(self) -> list[Item]:
+        """The periodic work (the hub's rescan tick, the sync barrier): recover a degraded
+        mount, else check that the watched branch is still the mount's branch."""
+        if self.degraded:
+            return self.recover()
+        return self.check_branch()
+
+    def check_branch(self) -> list[Item]:
+        """Make sure the branch watched is the one the resolver names, by device and inode.
+
+        A new branch is followed from scratch: every watch of the old one is dropped (a root
+        moved away still reports its writes, which are not U's), then a ``resync`` of reason
+        ``branch_replaced``, the real transitions and a snapshot. No branch at all: the
+        watches are dropped, the list is kept, and the mount is degraded (``branch_missing:
+        WHY``, logged as a warning) until a later check finds one. The branch that went
+        missing coming back unchanged is only rescanned (real transitions, no snapshot).
+
+        Once the watched root is known to be deleted (its ``IN_DELETE_SELF``, or the kernel
+        dropped its watch), whatever directory is at U's path is a new branch, even with the
+        old device and inode: filesystems give a freed inode number to the next ``mkdir``.
+        """
+        if self._root_lost and self._root is not None:
+            self._leave()  # the old root cannot come back: nothing of it is kept
+            self._gone = None
+        try:
+            branch = self._resolve()
+            upper = os.path.realpath(branch.upper).rstrip(b"/")
+            st = os.lstat(upper)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(f"upper dir {os.fsdecode(upper)} is not a directory")
+        except FileNotFoundError as exc:
+            path = exc.filename if exc.filename is not None else self.upper
+            self._lose(f"upper dir {os.fsdecode(path)} is missing")
+            return self.take()
+        except (OSError, LayerwatchError) as exc:
+            self._lose(str(exc))
+            return self.take()
+        root = (st.st_dev, st.st_ino)
+        same = upper == self.upper and branch.lower is self.rules.lower
+        if same and root == self._root and branch.xattr_prefix == self.xattr_prefix:
+            return self.take()
+        came_back = self._gone == (upper, branch.lower, st.st_dev, st.st_ino)
+        old = self.upper
+        self._leave()
+        self.upper, self.xattr_prefix = upper, branch.xattr_prefix
+        self.rules = Rules(upper, branch.lower, xattr_prefix=branch.xattr_prefix)
+        self._root, self._gone = root, None
+        missing = self.degraded is not None and self.degraded.startswith(BRANCH_MISSING)
+        self.degraded = None  # whatever it was, the branch is scanned from scratch below
+        if came_back:
+            self._rescan()
+            self._log.info("branch_recovered", upper=os.fsdecode(upper))
+        else:
+            self._resync(BRANCH_REPLACED)
+            self._log.warning(
+                "branch_replaced",
+                old_upper=os.fsdecode(old),
+                upper=os.fsdecode(upper),
+                was_missing=missing,
+                entries=len(self.kinds),
+            )
         return self.take()
 
     @property
@@ -249,7 +384,10 @@ class Tracker:
 
     def recover(self) -> list[Item]:
         """A degraded mount's periodic work: after a failure, a resync (then healthy again);
-        at the watch limit, a rescan that also retries the missing watches."""
+        at the watch limit, a rescan that also retries the missing watches; without a branch,
+        a look for one (``check_branch``)."""
+        if (left := self._branch_left()) is not None:
+            return left
         if self.degraded_by_error:
             items = self.resync("error")
             self.degraded = None
@@ -258,6 +396,47 @@ class Tracker:
         return self.rescan()
 
     # -- internals -------------------------------------------------------------------------
+
+    def _resync(self, reason: str) -> None:
+        self._out.append(Control(RESYNC, {"mount": self.mount, "reason": reason}))
+        self._rescan()
+        self._snapshot(reason)
+
+    def _root_moved(self) -> bool:
+        """Whether U's path leads somewhere else than the watched root (one ``lstat``)."""
+        try:
+            st = os.lstat(self.upper)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._root
+
+    def _branch_left(self) -> list[Item] | None:
+        """``check_branch`` before work on the branch: its items when the branch watched was
+        left or there is none (the work is moot then), else None."""
+        generation = self._generation
+        items = self.check_branch()
+        if generation != self._generation or self._root is None:
+            return items
+        self._out.extend(items)  # nothing, the branch being the same one
+        return None
+
+    def _lose(self, why: str) -> None:
+        """The mount has no branch now: drop the old branch's watches, keep the list."""
+        if self.degraded is not None and self.degraded.startswith(BRANCH_MISSING):
+            return  # missing already, and said so
+        if self._root is not None:
+            self._gone = (self.upper, self.rules.lower, self._root[0], self._root[1])
+            self._leave()
+        self.degraded = f"{BRANCH_MISSING}: {why}"
+        self._log.warning(BRANCH_MISSING, upper=os.fsdecode(self.upper), reason=why)
+
+    def _leave(self) -> None:
+        """Stop following the current branch: every watch and every known directory go."""
+        self.close()
+        self._dirs.clear()
+        self._unwatched.clear()
+        self._root, self._root_lost = None, False
+        self._generation += 1
 
     def _snapshot(self, reason: str) -> None:
         self._out.append(Control(SNAPSHOT_BEGIN, {"mount": self.mount, "reason": reason}))

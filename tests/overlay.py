@@ -235,7 +235,11 @@ class Overlay:
 
 @contextlib.contextmanager
 def mount_overlay(
-    base_dir: str, lowers: Sequence[str], *, options: str = MOUNT_OPTIONS
+    base_dir: str,
+    lowers: Sequence[str],
+    *,
+    options: str = MOUNT_OPTIONS,
+    merged: str | None = None,
 ) -> Iterator[Overlay]:
     """Mount overlayfs over ``lowers`` with a fresh upper, work and merged dir in ``base_dir``.
 
@@ -243,11 +247,14 @@ def mount_overlay(
         base_dir: an existing directory; ``upper``, ``work`` and ``merged`` are made in it.
         lowers: lower layer directories, top first.
         options: extra mount options.
+        merged: mount there instead of ``base_dir/merged`` (made when missing): a new upper
+            mounted where another overlay was.
 
     Yields:
         The mounted Overlay; it is unmounted when the block exits, however it exits.
     """
-    upper, work, merged = (os.path.join(base_dir, n) for n in ("upper", "work", "merged"))
+    upper, work = (os.path.join(base_dir, n) for n in ("upper", "work"))
+    merged = merged if merged is not None else os.path.join(base_dir, "merged")
     for path in (upper, work, merged):
         os.makedirs(path, exist_ok=True)
     opts = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},{options}"

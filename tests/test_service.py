@@ -10,7 +10,9 @@ must equal ``compute(upper, lowers)`` once a run ends cleanly.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import os
 import random
 import shutil
@@ -22,13 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import orjson
 import pytest
-from overlay import LayerEntry, build_layer, requires_overlay, unmount
+from overlay import LayerEntry, build_layer, mount_overlay, requires_overlay, unmount
 
 from watcher.changes import compute
-from watcher.events import BOOKMARK, CHANGE, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.check import schema_for
+from watcher.config import parse
+from watcher.events import BOOKMARK, CHANGE, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.mounts import find_mount
+from watcher.service import Service
 
 pytestmark = requires_overlay
 
@@ -425,3 +431,58 @@ def test_sighup_reopens_the_sink_files(rig: Rig) -> None:
     assert b"/after" not in rotated.read_bytes()
     assert b"/after" in rig.out.read_bytes()
     assert "sink_reopened" in [e.get("event") for e in rig.logs()]
+
+
+async def test_attached_mount_remounted_over_a_new_upper_is_followed(tmp_path: Path) -> None:
+    """An attached mountpoint unmounted (degraded, with the reason) and mounted again over a
+    new upper: the service follows the new upper (resync branch_replaced, /v1/mounts names
+    it), and a consumer of the jsonl sink holds the new branch's list."""
+    rig = Rig(tmp_path)  # only for its layers
+    lowers = [str(rig.top), str(rig.base)]
+    mnt, out = str(rig.mnt), tmp_path / "attached.jsonl"
+    config = parse(
+        {
+            "mounts": [{"name": MOUNT, "mountpoint": mnt}],
+            "sinks": {"out": {"type": "jsonl", "path": str(out)}},
+            "spool": {"path": str(tmp_path / "attached.db")},
+            "service": {"stream": STREAM, "rescan_interval": "0.1s"},
+        }
+    )
+    service = Service(config)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mount_overlay(str(tmp_path / "old"), lowers, merged=mnt))
+        task = asyncio.create_task(service.run(signals=False))
+        try:
+            async with asyncio.timeout(30):
+                await service.started.wait()
+            (rig.mnt / "etc" / "passwd").write_bytes(b"changed\n")
+            await service.sync()
+            stack.close()  # unmounted: nothing to follow
+            await service.sync()
+            assert service.degraded() == [
+                f"mount {MOUNT}: branch_missing: nothing is mounted at {mnt}"
+            ]
+            new = stack.enter_context(mount_overlay(str(tmp_path / "new"), lowers, merged=mnt))
+            (rig.mnt / "usr" / "bin" / "app").unlink()
+            (rig.mnt / "fresh").write_bytes(b"new branch\n")
+            await service.sync()
+            assert service.degraded() == []
+            want = compute(new.upper, lowers)
+            assert service.changes(MOUNT)[0] == want
+            assert service.mounts[MOUNT].fs.rw == os.fsencode(new.upper)
+            (rig.mnt / "later").write_bytes(b"watched\n")  # the new upper is watched
+            await service.sync()
+            assert service.changes(MOUNT)[0] == compute(new.upper, lowers)
+        finally:
+            service.stop.set()
+            async with asyncio.timeout(30):
+                await task
+        events = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+        state, _seqs = consume(events)
+        assert state == {c.path: str(c.kind) for c in compute(new.upper, lowers)}
+        resyncs = [e["data"]["reason"] for e in events if e["type"] == RESYNC]
+        assert resyncs == ["branch_replaced"]
+        for event in events:  # the new reason is in the published schemas
+            jsonschema.validate(event["data"], schema_for(event["type"]))

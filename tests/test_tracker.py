@@ -8,10 +8,12 @@ the sync barrier and checks the list (against ``compute``) and the published eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 import structlog
 from conftest import OverlayFactory, load_cases
 from live import LiveMount, as_list, replay
-from overlay import Overlay, requires_overlay, run_ops
+from overlay import Overlay, mount_overlay, requires_overlay, run_ops
 
 from watcher.changes import Child, DirState, Kind, Op, Transition, compute
 from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
@@ -334,3 +336,162 @@ def test_a_new_hub_removes_sync_dirs_of_dead_processes(tmp_path: Path) -> None:
 
 async def _ignore(tracker: Tracker, items: list[Item]) -> None:
     """A publish that drops everything."""
+
+
+# -- a branch replaced under the tracker ------------------------------------------------------
+
+
+@dataclass
+class Branch:
+    """A started tracker on ``base/upper`` (no overlay yet: the test mounts its own)."""
+
+    base: str
+    upper: str
+    lower: str
+    live: LiveMount
+
+    def mount(self) -> contextlib.AbstractContextManager[Overlay]:
+        """Mount an overlay of the lower under ``base/upper`` (at ``base/merged``)."""
+        return mount_overlay(self.base, [self.lower])
+
+    def reasons(self) -> list[str]:
+        """The reasons of the resyncs published so far."""
+        return [str(c.data["reason"]) for c in self.live.controls(RESYNC)]
+
+
+@pytest.fixture
+async def branch(tmp_path: Path, lower: str) -> AsyncIterator[Branch]:
+    """A tracker on an upper dir whose overlay the test mounts (and replaces) itself."""
+    base = tmp_path / "branch"
+    (base / "upper").mkdir(parents=True)
+    live = LiveMount("m", str(base / "upper"), [lower], rescan_interval=0.1)
+    await live.start()
+    try:
+        yield Branch(str(base), str(base / "upper"), lower, live)
+    finally:
+        await live.stop()
+
+
+async def test_upper_removed_and_made_again_is_followed(branch: Branch) -> None:
+    """``rm -rf U && mkdir U``: a resync (reason branch_replaced) and a snapshot of the new
+    branch; its files, whiteouts and opaque dirs, and later writes, are all followed."""
+    live = branch.live
+    with branch.mount() as ovl:
+        run_ops(ovl.merged, "echo 1 > data/new; rm data/file1")
+        await live.sync()
+        live.check()
+    run_ops(branch.base, "rm -rf upper && mkdir upper")
+    with branch.mount() as ovl:
+        run_ops(ovl.merged, "echo 2 > fresh; rm data/file2; rm -rf data/sub; mkdir data/sub")
+        await live.sync()
+        got = live.check()
+        assert (b"/fresh", Kind.ADDED) in got
+        assert (b"/data/file2", Kind.DELETED) in got
+        assert (b"/data/new", Kind.ADDED) not in got
+        assert branch.reasons() == ["branch_replaced"]
+        run_ops(ovl.merged, "echo 3 > data/later")  # the new branch is watched
+        await live.sync()
+        assert (b"/data/later", Kind.ADDED) in live.check()
+    assert branch.reasons() == ["branch_replaced"]
+    assert live.tracker.degraded is None
+
+
+async def test_upper_moved_away_and_made_again_drops_the_old_one(branch: Branch) -> None:
+    """``mv U U.old && mkdir U``: the new branch is followed (resync branch_replaced); writes
+    that still reach U.old through the old watches are not reported as changes of U."""
+    live = branch.live
+    with branch.mount() as ovl:
+        run_ops(ovl.merged, "echo 1 > data/new")
+        await live.sync()
+        run_ops(branch.base, "mv upper upper.old")
+        run_ops(ovl.merged, "echo ghost > ghost; echo more >> data/new; rm data/file1")
+        os.mkdir(branch.upper)
+    with branch.mount() as ovl:
+        run_ops(ovl.merged, "echo 2 > fresh; rm data/file2")
+        await live.sync()
+        got = live.check()
+        assert (b"/fresh", Kind.ADDED) in got
+        assert branch.reasons() == ["branch_replaced"]
+        run_ops(branch.base, "echo late > upper.old/late; rm upper.old/data/new")
+        run_ops(ovl.merged, "echo 3 > data/later")
+        await live.sync()
+        assert (b"/data/later", Kind.ADDED) in live.check()
+    old_only = {b"/ghost", b"/late", b"/data/file1"}
+    assert not [t for t in live.transitions() if t.path in old_only and t.op is not Op.SNAPSHOT]
+    assert branch.reasons() == ["branch_replaced"]
+
+
+async def test_upper_missing_for_a_while_degrades_then_recovers(branch: Branch) -> None:
+    """U gone: degraded with the reason (a warning), nothing reported from U's old inode;
+    U back: recovered on the rescan tick, without a sync, by a resync branch_replaced."""
+    live = branch.live
+    with structlog.testing.capture_logs() as logs:
+        with branch.mount() as ovl:
+            run_ops(ovl.merged, "echo 1 > data/new")
+            await live.sync()
+            run_ops(branch.base, "mv upper upper.gone")
+            await live.sync()
+            degraded = live.tracker.degraded
+            assert degraded is not None
+            assert degraded.startswith("branch_missing")
+            assert branch.upper in degraded
+            run_ops(ovl.merged, "echo 2 > data/while")  # into upper.gone
+            await live.sync()
+            assert live.tracker.degraded == degraded
+        assert not [t for t in live.transitions() if t.path == b"/data/while"]
+        os.mkdir(branch.upper)
+        with branch.mount() as ovl:
+            run_ops(ovl.merged, "echo 3 > back")
+            async with asyncio.timeout(10):  # the rescan tick (0.1 s) finds U again
+                while not live.controls(RESYNC):  # noqa: ASYNC110 (the hub's own tick)
+                    await asyncio.sleep(0.02)
+            await live.sync()
+            assert (b"/back", Kind.ADDED) in live.check()
+    assert live.tracker.degraded is None
+    assert branch.reasons() == ["branch_replaced"]
+    missing = [e for e in logs if e["event"] == "branch_missing"]
+    assert len(missing) == 1
+    assert missing[0]["log_level"] == "warning"
+    assert missing[0]["mount"] == "m"
+    assert any(e["event"] == "branch_replaced" for e in logs)
+
+
+async def test_parent_renamed_and_upper_made_again_is_followed(branch: Branch) -> None:
+    """U's parent renamed (no event on U itself) and a new U made: the next drain finds U's
+    path leading elsewhere, so the old branch's writes are not reported as hints of U."""
+    live = branch.live
+    with branch.mount() as ovl:
+        run_ops(ovl.merged, "echo 1 > data/new; echo 2 > gone")
+        await live.sync()
+    old = branch.base + ".old"
+    os.rename(branch.base, old)
+    os.makedirs(branch.upper)
+    mark = len(live.items)
+    run_ops(old, "echo ghost > upper/ghost; rm upper/gone; echo more >> upper/data/new")
+    with branch.mount() as ovl:
+        run_ops(ovl.merged, "echo 3 > fresh")
+        await live.sync()
+        got = live.check()
+    assert (b"/fresh", Kind.ADDED) in got
+    assert branch.reasons() == ["branch_replaced"]
+    ops = {t.op for t in live.items[mark:] if isinstance(t, Transition)}
+    assert ops <= {Op.RESCAN, Op.SNAPSHOT}, "a hint from the old branch was reported"
+    assert not [t for t in live.transitions() if t.path == b"/ghost"]
+
+
+async def test_upper_made_again_with_the_old_inode_number_is_a_new_branch(branch: Branch) -> None:
+    """A new U that got the old U's inode number (ext4 gives a freed number to the next mkdir)
+    is still a new branch: the old root's deletion says so, whatever lstat says."""
+    live = branch.live
+    old = os.lstat(branch.upper)
+    os.rmdir(branch.upper)
+    os.mkdir(branch.upper)
+    new = os.lstat(branch.upper)
+    if (new.st_dev, new.st_ino) != (old.st_dev, old.st_ino):
+        pytest.skip("this filesystem gave the new directory another inode number")
+    with branch.mount() as ovl:
+        run_ops(ovl.merged, "echo 1 > fresh; rm data/file1")
+        await live.sync()
+        got = live.check()
+    assert (b"/fresh", Kind.ADDED) in got
+    assert branch.reasons() == ["branch_replaced"]

@@ -2,7 +2,7 @@
 
 ``changes_dirs(merged, base)`` walks the merged view of a mounted overlay and the base view
 (the lower stack alone) and compares them, as moby's ``ChangesDirs(merged, base)`` does for
-``docker diff`` on overlay2 (DESIGN section 2, rules 1, 2, 7 and 8):
+``docker diff`` on overlay2 (``docs/rules.md``, rules 1, 2, 7 and 8):
 
 - a path only in the merged tree is ``A``, and so is everything below it;
 - a path only in the base tree is ``D``, reported for the topmost name only;

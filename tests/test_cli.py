@@ -2,7 +2,7 @@
 
 Every command runs as ``python -m watcher.cli`` in a child process, so exit codes, stdout and
 stderr are what a shell sees. Expected change lists are written out by hand from the layers
-each test builds (DESIGN section 2), never computed by the code under test.
+each test builds (by the rules of ``docs/rules.md``), never computed by the code under test.
 """
 
 from __future__ import annotations
@@ -541,9 +541,9 @@ SUBCOMMANDS = _subcommands()
 
 
 def test_the_parser_has_the_documented_subcommands() -> None:
-    """build_parser() offers every subcommand the design names."""
-    design = {"diff", "watch", "run", "mount", "umount", "reset", "export", "check", "demo"}
-    assert design <= set(SUBCOMMANDS)
+    """build_parser() offers every subcommand layerwatch promises (README's, reset, demo)."""
+    expected = {"diff", "watch", "run", "mount", "umount", "reset", "export", "check", "demo"}
+    assert expected <= set(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

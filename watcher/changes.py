@@ -121,7 +121,7 @@ def _mtime_equal(a: int, b: int) -> bool:
 
 
 class Rules:
-    """The change-list rules (DESIGN section 2) for one upper dir over one lower stack.
+    """The change-list rules 1 to 12 (``docs/rules.md``) for one upper dir over one lower stack.
 
     The rules work one directory at a time (``scan``), so the full computation and the live
     tracker share every decision: the tracker rescans only the directories that hints name.

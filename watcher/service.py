@@ -539,6 +539,9 @@ class _MountpointBranch:
                 self._attach()
             except LayerwatchError as exc:
                 self._missing = str(exc)
+            except OSError:
+                self._dev = None  # mountinfo not read: read it at the next call
+                raise
         if self._missing is not None:
             raise MountError(self._missing)
         return Branch(self.fs.rw, self._lower, self.fs.xattr_prefix)

@@ -65,7 +65,7 @@ def _tracked_files() -> list[str]:
 
 
 def test_no_tracked_file_points_outside_the_repository() -> None:
-    """No tracked file outside bench/ names the outside design document or ../shared."""
+    """No tracked file outside bench/ names the outside design document or its directory."""
     offenders = []
     for name in _tracked_files():
         if name.startswith("bench/"):

@@ -5,7 +5,7 @@ about N entries (new files and dirs, modified and chmod-ed lower files, deletion
 whiteouts, directories emptied and recreated opaque), then times, in one run, median of
 ``--repeat``:
 
-- ``compute``: ``watcher.changes.compute(upper, [lower])`` (reads U and B only);
+- ``compute``: ``watcher.core.rules.compute(upper, [lower])`` (reads U and B only);
 - ``two-tree``: the oracle's comparison of the merged view against the base view (how
   ``docker diff`` works on overlay2: walk both whole trees);
 - ``find``: ``find UPPER > /dev/null``, the floor for walking the upper at all;
@@ -37,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from watcher.changes import compute  # noqa: E402
+from watcher.core.rules import compute  # noqa: E402
 
 # The oracle and the overlay kit live with the tests (they are test code, not the product).
 oracle: Any = importlib.import_module("oracle")
@@ -117,7 +117,7 @@ def child_peak_rss(upper: str, lower: str, run: bool) -> int:
     """
     code = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from watcher.changes import compute\n"
+        "from watcher.core.rules import compute\n"
         "if sys.argv[4] == '1': compute(sys.argv[2], [sys.argv[3]])\n"
         "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     )

@@ -7,7 +7,7 @@ robin (one ``IN_ATTRIB`` each; consecutive events differ, so the kernel coalesce
 are generated in bursts that fit the kernel queue (``max_queued_events``), and only the time to
 read each burst is measured. Readers:
 
-- ``Inotify.read``: ``watcher.inotify`` (batched ``os.read``, events parsed into ``RawEvent``);
+- ``Inotify.read``: ``watcher.live.inotify`` (batched ``os.read``, events parsed into ``RawEvent``);
 - ``aionotify``: ``aionotify.Watcher.get_event`` in a loop (one event per call), the library
   the adapter replaces (imported here only as the baseline);
 - ``os.read loop``: a plain synchronous loop of 64 KiB ``os.read`` calls parsing headers into
@@ -32,7 +32,7 @@ from typing import Any
 
 import aionotify
 
-from watcher.inotify import IN_ATTRIB, IN_Q_OVERFLOW, Inotify, read_limits
+from watcher.live.inotify import IN_ATTRIB, IN_Q_OVERFLOW, Inotify, read_limits
 
 _FILES = 1000
 _HEADER = struct.Struct("iIII")
@@ -76,7 +76,7 @@ async def read_adapter(top: bytes, paths: list[bytes], total: int) -> float:
 async def read_aionotify(top: bytes, paths: list[bytes], total: int) -> float:
     """Seconds spent in ``aionotify.Watcher.get_event`` for ``total`` events."""
     watcher = aionotify.Watcher()
-    watcher.watch(os.fsdecode(top), aionotify.Flags.ATTRIB)
+    watcher.service.watch(os.fsdecode(top), aionotify.Flags.ATTRIB)
     await watcher.setup()
     elapsed = 0.0
     try:

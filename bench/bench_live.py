@@ -48,11 +48,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
 
-from watcher.changes import Change, Kind, Transition, compute  # noqa: E402
-from watcher.hub import Hub  # noqa: E402
-from watcher.inotify import Inotify, read_limits  # noqa: E402
-from watcher.layers import LowerStack  # noqa: E402
-from watcher.tracker import Item, Tracker  # noqa: E402
+from watcher.core.layers import LowerStack  # noqa: E402
+from watcher.core.rules import Change, Kind, Transition, compute  # noqa: E402
+from watcher.live.hub import Hub  # noqa: E402
+from watcher.live.inotify import Inotify, read_limits  # noqa: E402
+from watcher.live.tracker import Item, Tracker  # noqa: E402
 
 # The overlay kit and the conformance lower live with the tests (test code, not the product).
 overlay: Any = importlib.import_module("overlay")

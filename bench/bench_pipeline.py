@@ -37,8 +37,8 @@ from pathlib import Path
 
 import structlog
 
-from watcher import config
-from watcher.service import Service
+from watcher.service import config
+from watcher.service.service import Service
 
 _BATCH = 100
 

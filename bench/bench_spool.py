@@ -34,9 +34,9 @@ from pathlib import Path
 
 import structlog
 
-from watcher.changes import Kind, Op, Transition
-from watcher.events import EventEncoder, Record
-from watcher.spool import Spool
+from watcher.core.rules import Kind, Op, Transition
+from watcher.delivery.events import EventEncoder, Record
+from watcher.delivery.spool import Spool
 
 _BATCHES = (1, 64, 512)
 

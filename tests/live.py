@@ -14,12 +14,12 @@ import contextlib
 import os
 from collections.abc import Mapping, Sequence
 
-from watcher.changes import Change, Kind, Op, Transition, compute
-from watcher.events import SNAPSHOT_BEGIN
-from watcher.hub import Hub
-from watcher.inotify import Inotify
-from watcher.layers import LowerStack
-from watcher.tracker import Control, Item, Tracker
+from watcher.core.layers import LowerStack
+from watcher.core.rules import Change, Kind, Op, Transition, compute
+from watcher.delivery.events import SNAPSHOT_BEGIN
+from watcher.live.hub import Hub
+from watcher.live.inotify import Inotify
+from watcher.live.tracker import Control, Item, Tracker
 
 ACTIVITY_OPS = frozenset({Op.MODIFY, Op.ATTRIB, Op.CREATE, Op.MOVE})
 """Ops an activity event (``kind == prev_kind``) may carry: a write, never a rescan."""

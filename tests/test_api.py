@@ -29,13 +29,13 @@ import pytest
 from overlay import requires_overlay
 from yarl import URL
 
-from watcher import client, metrics, pipe
-from watcher.api import Limits, serve
-from watcher.changes import Kind
-from watcher.check import schema_for
-from watcher.config import ApiConfig, Config, MountConfig, SpoolConfig
-from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
-from watcher.service import Service
+from watcher.cli.check import schema_for
+from watcher.core.rules import Kind
+from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.http import client, metrics, pipe
+from watcher.http.api import Limits, serve
+from watcher.service.config import ApiConfig, Config, MountConfig, SpoolConfig
+from watcher.service.service import Service
 
 pytestmark = [requires_overlay]
 

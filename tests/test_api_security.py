@@ -20,10 +20,10 @@ import structlog
 from overlay import requires_overlay
 from test_api import ApiRun, changes, running, unix_session
 
-from watcher.api import COOKIE, parse_listen, serve
-from watcher.config import ApiConfig, Config, MountConfig
-from watcher.errors import ConfigError
-from watcher.service import Service
+from watcher.core.errors import ConfigError
+from watcher.http.api import COOKIE, parse_listen, serve
+from watcher.service.config import ApiConfig, Config, MountConfig
+from watcher.service.service import Service
 
 pytestmark = [requires_overlay]
 

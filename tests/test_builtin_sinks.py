@@ -18,12 +18,12 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from watcher.builtin_sinks import ExecSink, JsonlSink, StdoutSink
-from watcher.delivery import RunnerConfig, SinkRunner
-from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
-from watcher.events import Record
-from watcher.plugins import Options, available_sinks, load_sink
-from watcher.sinks import Sink
+from watcher.core.errors import ConfigError, SinkRejected, SinkUnavailable
+from watcher.delivery.builtin.local import ExecSink, JsonlSink, StdoutSink
+from watcher.delivery.events import Record
+from watcher.delivery.plugins import Options, available_sinks, load_sink
+from watcher.delivery.runner import RunnerConfig, SinkRunner
+from watcher.delivery.sinks import Sink
 from watcher.testing import FlakySink, MemoryLog, MemorySink, check_sink_contract, make_records
 
 

@@ -37,7 +37,7 @@ from overlay import (
     to_aufs,
 )
 
-from watcher.changes import compute
+from watcher.core.rules import compute
 
 pytestmark = [requires_overlay, pytest.mark.root]
 

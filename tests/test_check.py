@@ -13,10 +13,10 @@ import pytest
 import structlog
 from overlay import mount_overlay, requires_overlay, unmount
 
-from watcher import check as check_mod
-from watcher.check import Finding, add_check_command, check, exit_status, format_findings
-from watcher.inotify import Inotify
-from watcher.mounts import find_mount
+from watcher.cli import check as check_mod
+from watcher.cli.check import Finding, add_check_command, check, exit_status, format_findings
+from watcher.core.mounts import find_mount
+from watcher.live.inotify import Inotify
 
 pytestmark = requires_overlay
 

@@ -37,8 +37,8 @@ from overlay import (
     whiteout,
 )
 
-from watcher.cli import build_parser, main
-from watcher.mounts import find_mount
+from watcher.cli.main import build_parser, main
+from watcher.core.mounts import find_mount
 
 pytestmark = [requires_overlay, pytest.mark.root]
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from watcher import config
-from watcher.config import Config
-from watcher.errors import ConfigError
-from watcher.layers import Whiteouts
-from watcher.plugins import load_sink
+from watcher.core.errors import ConfigError
+from watcher.core.layers import Whiteouts
+from watcher.delivery.plugins import load_sink
+from watcher.service import config
+from watcher.service.config import Config
 
 
 def base() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from overlay import (
     to_aufs,
 )
 
-from watcher.changes import Change, compute
+from watcher.core.rules import Change, compute
 
 CASES = load_cases()
 pytestmark = [requires_overlay, pytest.mark.root]

@@ -16,10 +16,10 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from watcher.changes import Kind, Op, Transition
-from watcher.delivery import Filter, RunnerConfig, SinkRunner, backoff_delay
-from watcher.events import SNAPSHOT_BEGIN, EventEncoder, Record
-from watcher.spool import Spool
+from watcher.core.rules import Kind, Op, Transition
+from watcher.delivery.events import SNAPSHOT_BEGIN, EventEncoder, Record
+from watcher.delivery.runner import Filter, RunnerConfig, SinkRunner, backoff_delay
+from watcher.delivery.spool import Spool
 from watcher.testing import FlakySink, MemoryLog, MemorySink, make_records
 
 AnyLog = MemoryLog | Spool

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from watcher.config import Config, parse
-from watcher.plugins import available_sinks, load_sink
+from watcher.delivery.plugins import available_sinks, load_sink
+from watcher.service.config import Config, parse
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 REPO = DEPLOY.parent

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from overlay import requires_overlay, unmount
 
-from watcher.discovery import Discovered, MountChange, MountEvent, MountSource
-from watcher.errors import MountError
+from watcher.core.errors import MountError
+from watcher.live.discovery import Discovered, MountChange, MountEvent, MountSource
 
 pytestmark = [requires_overlay, pytest.mark.root]
 

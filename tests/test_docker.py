@@ -34,10 +34,10 @@ import pytest
 from conftest import load_cases
 from overlay import build_lower, requires_overlay
 
-from watcher.changes import compute
-from watcher.config import parse
-from watcher.discovery import Discovered, MountChange, MountEvent, MountSource
-from watcher.service import Service
+from watcher.core.rules import compute
+from watcher.live.discovery import Discovered, MountChange, MountEvent, MountSource
+from watcher.service.config import parse
+from watcher.service.service import Service
 
 CASES = load_cases()
 pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow]

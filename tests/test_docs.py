@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from overlay import LayerEntry, build_layer, requires_overlay
 
-from watcher import config
-from watcher.cli import build_parser
+from watcher.cli.main import build_parser
+from watcher.service import config
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

@@ -2,7 +2,7 @@
 
 The service runs in-process over a managed overlay mount with a real jsonl sink; every line
 it wrote is checked against the envelope schema and the ``data`` schema of its type
-(``watcher/schema/``), and against the envelope rules of ``docs/events.md`` that a schema cannot
+(``watcher/delivery/schema/``), and against the envelope rules of ``docs/events.md`` that a schema cannot
 express (id = STREAM:EPOCH:SEQ, sequence = data.seq, subject = the percent-encoded path).
 """
 
@@ -23,11 +23,11 @@ import orjson
 import pytest
 from overlay import LayerEntry, build_layer, requires_overlay, unmount
 
-from watcher import config
-from watcher.check import SCHEMA_FILES, schema_for
-from watcher.events import BOOKMARK, CHANGE, GAP, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
-from watcher.mounts import find_mount
-from watcher.service import Service
+from watcher.cli.check import SCHEMA_FILES, schema_for
+from watcher.core.mounts import find_mount
+from watcher.delivery.events import BOOKMARK, CHANGE, GAP, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.service import config
+from watcher.service.service import Service
 
 pytestmark = requires_overlay
 

@@ -36,10 +36,10 @@ from overlay import (
     to_aufs,
 )
 
-import watcher.export
-from watcher.changes import Change, Kind
-from watcher.errors import LayerError
-from watcher.export import export_diff, export_rootfs
+import watcher.core.export
+from watcher.core.errors import LayerError
+from watcher.core.export import export_diff, export_rootfs
+from watcher.core.rules import Change, Kind
 
 CASES = load_cases()
 pytestmark = [requires_overlay, pytest.mark.root]
@@ -413,7 +413,7 @@ def test_diff_does_not_follow_a_symlink_swapped_in_after_compute(
     )
     stale = [Change(b"/data", Kind.CHANGED), Change(b"/data/etc", Kind.ADDED),
              Change(b"/data/etc/passwd", Kind.ADDED)]  # fmt: skip
-    monkeypatch.setattr(watcher.export, "compute", lambda *a, **k: stale)
+    monkeypatch.setattr(watcher.core.export, "compute", lambda *a, **k: stale)
     data, _ = _diff_tar(ovl.upper, list(ovl.lowers))
     members = _members(data)
     assert members[b"data/etc"].issym()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from watcher.errors import WatchError, WatchLimitError
-from watcher.inotify import (
+from watcher.core.errors import WatchError, WatchLimitError
+from watcher.live.inotify import (
     DIR_MASK,
     IN_ATTRIB,
     IN_CLOSE_WRITE,

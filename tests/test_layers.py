@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from overlay import LayerEntry, build_layer, requires_overlay
 
-from watcher.layers import LowerStack, Whiteouts
+from watcher.core.layers import LowerStack, Whiteouts
 
 pytestmark = [requires_overlay, pytest.mark.root]  # whiteouts are char devices: mknod needs root
 

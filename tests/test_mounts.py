@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from overlay import requires_overlay
 
-from watcher.changes import Change, Kind
-from watcher.errors import LayerError, MountError, PathError
-from watcher.mounts import Driver, Filesystem, find_mount, read_mountinfo
+from watcher.core.errors import LayerError, MountError, PathError
+from watcher.core.mounts import Driver, Filesystem, find_mount, read_mountinfo
+from watcher.core.rules import Change, Kind
 
 pytestmark = [requires_overlay, pytest.mark.root]
 

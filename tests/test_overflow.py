@@ -19,8 +19,8 @@ from live import LiveMount
 from overlay import Overlay, build_lower, requires_overlay, run_ops
 from structlog.testing import capture_logs
 
-from watcher.changes import compute
-from watcher.events import RESYNC
+from watcher.core.rules import compute
+from watcher.delivery.events import RESYNC
 
 pytestmark = [requires_overlay, pytest.mark.root]
 

@@ -34,7 +34,7 @@ from overlay import (
     requires_overlay,
 )
 
-from watcher.changes import compute
+from watcher.core.rules import compute
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "docs/rules.md"

@@ -29,12 +29,12 @@ import orjson
 import pytest
 from overlay import LayerEntry, build_layer, mount_overlay, requires_overlay, unmount
 
-from watcher.changes import compute
-from watcher.check import schema_for
-from watcher.config import parse
-from watcher.events import BOOKMARK, CHANGE, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
-from watcher.mounts import find_mount
-from watcher.service import Service
+from watcher.cli.check import schema_for
+from watcher.core.mounts import find_mount
+from watcher.core.rules import compute
+from watcher.delivery.events import BOOKMARK, CHANGE, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.service.config import parse
+from watcher.service.service import Service
 
 pytestmark = requires_overlay
 

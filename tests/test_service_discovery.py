@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from overlay import LayerEntry, build_layer, mount_overlay, requires_overlay
 
-from watcher.changes import Kind
-from watcher.config import parse
-from watcher.service import Service
+from watcher.core.rules import Kind
+from watcher.service.config import parse
+from watcher.service.service import Service
 
 pytestmark = [requires_overlay, pytest.mark.root]
 

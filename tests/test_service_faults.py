@@ -16,11 +16,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from watcher.config import parse
-from watcher.delivery import RunnerConfig, SinkRunner
-from watcher.events import Record
-from watcher.service import Service
-from watcher.spool import Spool
+from watcher.delivery.events import Record
+from watcher.delivery.runner import RunnerConfig, SinkRunner
+from watcher.delivery.spool import Spool
+from watcher.service.config import parse
+from watcher.service.service import Service
 from watcher.testing import MemorySink
 
 REPO = Path(__file__).resolve().parents[1]

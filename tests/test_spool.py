@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from watcher.changes import Kind
-from watcher.errors import SpoolError
-from watcher.events import Record
-from watcher.spool import Pruned, Spool
+from watcher.core.errors import SpoolError
+from watcher.core.rules import Kind
+from watcher.delivery.events import Record
+from watcher.delivery.spool import Pruned, Spool
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root to mount a tmpfs")
@@ -307,9 +307,9 @@ WRITER = textwrap.dedent("""
     import structlog
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     from pathlib import Path
-    from watcher.changes import Kind
-    from watcher.events import Record
-    from watcher.spool import Spool
+    from watcher.core.rules import Kind
+    from watcher.delivery.events import Record
+    from watcher.delivery.spool import Spool
 
     async def main() -> None:
         spool = Spool(Path(sys.argv[1]))

@@ -23,11 +23,11 @@ from conftest import OverlayFactory, load_cases
 from live import LiveMount, as_list, replay
 from overlay import Overlay, mount_overlay, requires_overlay, run_ops
 
-from watcher.changes import Child, DirState, Kind, Op, Transition, compute
-from watcher.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
-from watcher.hub import Hub
-from watcher.inotify import Inotify
-from watcher.tracker import Control, Item, Tracker
+from watcher.core.rules import Child, DirState, Kind, Op, Transition, compute
+from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.live.hub import Hub
+from watcher.live.inotify import Inotify
+from watcher.live.tracker import Control, Item, Tracker
 
 pytestmark = [requires_overlay, pytest.mark.root]
 
@@ -236,14 +236,14 @@ async def test_non_utf8_directory_names(live: LiveMount, ovl: Overlay) -> None:
 
 
 async def test_events_valid_against_schema(live: LiveMount, ovl: Overlay) -> None:
-    """Every published event, encoded, is valid against the JSON Schemas in watcher/schema."""
+    """Every published event, encoded, is valid against the JSON Schemas in watcher/delivery/schema."""
     jsonschema = pytest.importorskip("jsonschema")
     orjson = pytest.importorskip("orjson")
     try:
-        from watcher.check import schema_for
+        from watcher.cli.check import schema_for
     except ImportError:
-        pytest.skip("watcher.check.schema_for is not there yet")
-    from watcher.publisher import Publisher
+        pytest.skip("watcher.cli.check.schema_for is not there yet")
+    from watcher.delivery.publisher import Publisher
 
     run_ops(
         ovl.merged,

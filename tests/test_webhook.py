@@ -17,10 +17,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from watcher.delivery import RunnerConfig, SinkRunner
-from watcher.errors import ConfigError, SinkRejected, SinkUnavailable
+from watcher.core.errors import ConfigError, SinkRejected, SinkUnavailable
+from watcher.delivery.builtin.webhook import CONTENT_TYPE, WebhookSink, parse_retry_after, sign
+from watcher.delivery.runner import RunnerConfig, SinkRunner
 from watcher.testing import MemoryLog, check_sink_contract, free_port, make_records
-from watcher.webhook import CONTENT_TYPE, WebhookSink, parse_retry_after, sign
 
 SECRET = "whsec_" + base64.b64encode(b"a test key of 24 bytes..").decode()
 

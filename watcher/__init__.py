@@ -3,8 +3,7 @@
 The public API; everything else in the package is implementation.
 """
 
-from watcher.changes import Change, Kind, Op, Transition, compute
-from watcher.errors import (
+from watcher.core.errors import (
     ConfigError,
     LayerError,
     LayerwatchError,
@@ -16,7 +15,8 @@ from watcher.errors import (
     WatchError,
     WatchLimitError,
 )
-from watcher.layers import LowerStack, Whiteouts
+from watcher.core.layers import LowerStack, Whiteouts
+from watcher.core.rules import Change, Kind, Op, Transition, compute
 
 __all__ = [
     "Change",

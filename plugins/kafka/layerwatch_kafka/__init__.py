@@ -36,10 +36,10 @@ import aiokafka.errors  # type: ignore[import-untyped]
 import orjson
 import structlog
 
-from watcher.errors import SinkRejected, SinkUnavailable
-from watcher.events import Record
-from watcher.plugins import Options
-from watcher.sinks import Health
+from watcher.core.errors import SinkRejected, SinkUnavailable
+from watcher.delivery.events import Record
+from watcher.delivery.plugins import Options
+from watcher.delivery.sinks import Health
 
 __all__ = ["KafkaSink", "binary_message"]
 
@@ -80,7 +80,7 @@ def binary_message(body: bytes) -> tuple[bytes, list[tuple[str, bytes]]]:
 class KafkaSink:
     """Produces events to a Kafka topic, keyed by mount.
 
-    A ``SinkFactory`` (``watcher.sinks``); its options are in the module docstring.
+    A ``SinkFactory`` (``watcher.delivery.sinks``); its options are in the module docstring.
     """
 
     def __init__(self, name: str, options: Mapping[str, object]) -> None:

@@ -11,7 +11,7 @@ from kafkakit import EXTERNAL, Broker, Consumed, event_ids, read_topic
 from layerwatch_kafka import KafkaSink
 
 from watcher import testing
-from watcher.events import Record
+from watcher.delivery.events import Record
 
 
 def check_keyed(consumed: Sequence[Consumed], sent: Sequence[Record]) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import nats
 
-from watcher.events import Record
+from watcher.delivery.events import Record
 from watcher.testing import ServerProcess, check_delivered
 
 

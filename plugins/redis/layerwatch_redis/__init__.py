@@ -38,10 +38,10 @@ import redis.asyncio
 import redis.exceptions
 import structlog
 
-from watcher.errors import SinkRejected, SinkUnavailable
-from watcher.events import Record
-from watcher.plugins import Options
-from watcher.sinks import Health
+from watcher.core.errors import SinkRejected, SinkUnavailable
+from watcher.delivery.events import Record
+from watcher.delivery.plugins import Options
+from watcher.delivery.sinks import Health
 
 __all__ = ["RedisSink", "entry_id"]
 
@@ -68,7 +68,7 @@ def _parse_id(raw: bytes) -> tuple[int, int]:
 class RedisSink:
     """Appends events to Redis Streams, one stream per mount.
 
-    A ``SinkFactory`` (``watcher.sinks``); its options are in the module docstring.
+    A ``SinkFactory`` (``watcher.delivery.sinks``); its options are in the module docstring.
     """
 
     def __init__(self, name: str, options: Mapping[str, object]) -> None:

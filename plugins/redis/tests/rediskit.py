@@ -8,7 +8,7 @@ from typing import Any
 import redis.asyncio
 from layerwatch_redis import RedisSink, entry_id
 
-from watcher.events import Record
+from watcher.delivery.events import Record
 from watcher.testing import ServerProcess, check_delivered
 
 Entries = list[tuple[str, dict[bytes, bytes]]]

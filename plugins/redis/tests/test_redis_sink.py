@@ -12,8 +12,8 @@ from layerwatch_redis import RedisSink, entry_id
 from rediskit import RedisServer, check_streams, read_streams
 
 from watcher import testing
-from watcher.errors import SinkRejected, SinkUnavailable
-from watcher.events import Record
+from watcher.core.errors import SinkRejected, SinkUnavailable
+from watcher.delivery.events import Record
 
 
 async def test_stream_arrives_complete_and_in_order_per_mount(

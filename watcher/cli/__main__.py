@@ -1,0 +1,7 @@
+"""``python -m watcher.cli``."""
+
+import sys
+
+from watcher.cli.main import main
+
+sys.exit(main())

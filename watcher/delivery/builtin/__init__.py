@@ -1,0 +1,1 @@
+"""The built-in sinks, registered through the ``layerwatch.sinks`` entry points like any plugin."""

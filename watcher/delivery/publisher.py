@@ -1,0 +1,104 @@
+"""The publisher: numbers the trackers' items, encodes them, and hands them to an outlet.
+
+Numbering happens in one place so that every event of a service has one sequence, control
+events included; the outlet is where records go (the spool in the service, stdout in
+``layerwatch watch``).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from watcher.core.rules import Kind, Transition
+from watcher.delivery.events import BOOKMARK, EventEncoder, Record
+from watcher.live.tracker import Item, Tracker
+
+__all__ = ["Outlet", "Publisher", "list_updates"]
+
+Outlet = Callable[[list[Record], Mapping[str, Mapping[bytes, Kind | None]]], Awaitable[None]]
+"""Takes encoded records plus the change-list updates of the same batch, per mount."""
+
+
+def list_updates(items: list[Item]) -> dict[bytes, Kind | None]:
+    """The change-list entries that ``items`` set (None: removed)."""
+    updates: dict[bytes, Kind | None] = {}
+    for item in items:
+        if isinstance(item, Transition) and item.kind != item.prev_kind:
+            updates[item.path] = item.kind
+    return updates
+
+
+class Publisher:
+    """Numbers and encodes items, then passes them to ``outlet``.
+
+    Args:
+        outlet: where the records go.
+        first_seq: the sequence number of the first event (continue after a restart).
+        stream: the stream name in event ids (default: the host name).
+        host: the host name in ``source``.
+        epoch: the identity of the sequence in event ids: the spool's ``epoch``; without a
+            spool (``layerwatch watch``), the time the publisher was made, in ms.
+    """
+
+    def __init__(
+        self,
+        outlet: Outlet,
+        *,
+        first_seq: int = 1,
+        stream: str | None = None,
+        host: str | None = None,
+        epoch: int | None = None,
+    ) -> None:
+        host = host or socket.gethostname()
+        if epoch is None:
+            epoch = time.time_ns() // 1_000_000
+        self.encoder = EventEncoder(stream=stream or host, host=host, epoch=epoch)
+        self._outlet = outlet
+        self.next_seq = first_seq
+        self.published = 0
+        self.labels: dict[str, dict[str, str]] = {}
+        """Per mount, labels added to each of its events (discovered containers)."""
+
+    @property
+    def head_seq(self) -> int:
+        """The sequence number of the last event published (0 before any)."""
+        return self.next_seq - 1
+
+    def encode(self, mount: str, items: list[Item]) -> list[Record]:
+        """Number and encode ``items`` of ``mount``."""
+        now = time.time()
+        labels = self.labels.get(mount)
+        records = []
+        for item in items:
+            seq = self.next_seq
+            self.next_seq += 1
+            if isinstance(item, Transition):
+                records.append(self.encoder.change(seq, mount, item, now=now, labels=labels))
+            else:
+                records.append(
+                    self.encoder.control(seq, mount, item.type, item.data, now=now, labels=labels)
+                )
+        return records
+
+    async def publish(self, tracker: Tracker, items: list[Item]) -> None:
+        """The hub's ``publish``: encode and hand over one tracker's items."""
+        if not items:
+            return
+        records = self.encode(tracker.mount, items)
+        await self._outlet(records, {tracker.mount: list_updates(items)})
+        self.published += len(records)
+
+    async def control(self, type_: str, data: Mapping[str, Any], mount: str = "") -> None:
+        """Publish a service-wide control event (bookmark, gap)."""
+        seq = self.next_seq
+        self.next_seq += 1
+        record = self.encoder.control(seq, mount, type_, dict(data), now=time.time())
+        await self._outlet([record], {})
+        self.published += 1
+
+    async def bookmark(self) -> None:
+        """Publish a bookmark naming the head of the sequence."""
+        await self.control(BOOKMARK, {"head_seq": self.next_seq})

@@ -1,0 +1,4 @@
+"""Keeping the change list in step: inotify, the per-mount tracker, the hub, discovery.
+
+Imports only ``watcher.core``.
+"""

@@ -1,0 +1,572 @@
+"""``layerwatch run CONFIG``: many mounts, one inotify instance, a durable spool, the sinks.
+
+Ownership: an ``AsyncExitStack`` owns resources (spool, inotify, hub, mounts), a
+``TaskGroup`` owns tasks (the hub's reader, one runner per sink, the housekeeping ticker,
+the API). Shutdown is a protocol: a signal sets ``stop``; the hub passes the sync barrier so
+every change already made is published, then a bookmark; the runners drain what the spool
+holds under the deadline; everything else is cancelled; resources unwind in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+from watcher.core.errors import ConfigError, LayerwatchError, MountError, SpoolError
+from watcher.core.layers import LowerStack
+from watcher.core.mounts import Driver, Filesystem, find_mount
+from watcher.core.rules import Change
+from watcher.delivery.events import GAP
+from watcher.delivery.intake import Intake
+from watcher.delivery.plugins import load_sink
+from watcher.delivery.publisher import Publisher
+from watcher.delivery.runner import Filter, RunnerConfig, SinkRunner, backoff_delay
+from watcher.delivery.spool import Spool
+from watcher.live.discovery import Discovered, MountEvent, MountSource
+from watcher.live.hub import Hub
+from watcher.live.inotify import Inotify
+from watcher.live.tracker import Branch, Tracker
+from watcher.service.config import Config, DiscoveryConfig, MountConfig, SinkConfig
+from watcher.service.watch import install_stop_signals
+
+__all__ = ["MountState", "Service", "discovered_name", "filesystem_for"]
+
+log = structlog.get_logger("layerwatch.service")
+
+
+def filesystem_for(mount: MountConfig) -> Filesystem:
+    """The ``Filesystem`` a mount's config describes (not mounted yet for managed mounts).
+
+    Raises:
+        MountError: an attached mountpoint has nothing (or no writable overlay) mounted.
+    """
+    driver = Driver.AUFS if mount.whiteouts == "aufs" else Driver.OVERLAY
+    if mount.managed:
+        assert mount.rw is not None
+        assert mount.mountpoint is not None
+        return Filesystem(
+            mount.layers,
+            mount.rw,
+            mount.mountpoint,
+            work=mount.work,
+            driver=driver,
+            userxattr=mount.userxattr,
+        )
+    if mount.upper is not None:
+        return Filesystem(
+            mount.lowers,
+            mount.upper,
+            mount.mountpoint or os.devnull,
+            driver=driver,
+            userxattr=mount.userxattr,
+        )
+    assert mount.mountpoint is not None
+    return Filesystem.attach(mount.mountpoint)
+
+
+def discovered_name(found: Discovered) -> str:
+    """A discovered mount's name: ``docker-<container id[:12]>`` and the like, stable across
+    restarts (so its persisted list is found again), else ``overlay-<dev>-<inode>`` of its
+    upper dir.
+
+    Raises:
+        OSError: the upper dir is gone already.
+    """
+    labels = found.labels
+    ident = labels.get("container_id") or labels.get("layer_id")
+    if ident:
+        return f"{labels.get('runtime', 'overlay')}-{ident[:12]}"
+    st = os.stat(found.upper)
+    return f"overlay-{st.st_dev:x}-{st.st_ino}"
+
+
+_FAILURE_SHOWN: Final = 60.0
+"""Seconds a component's failure stays in health after it (and after which it counts as
+having run well, so its restart backoff starts over)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    at: float
+    error: str
+
+
+@dataclass(slots=True)
+class MountState:
+    """One followed mount, as the API shows it."""
+
+    config: MountConfig
+    fs: Filesystem
+    tracker: Tracker
+    mounted_by_us: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+class Service:
+    """The running service: what ``layerwatch run`` starts and the API reads.
+
+    Args:
+        config: the parsed configuration.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.mounts: dict[str, MountState] = {}
+        self.runners: dict[str, SinkRunner] = {}
+        self.stop = asyncio.Event()
+        self.started = asyncio.Event()
+        self.hub: Hub | None = None
+        self.spool: Spool | None = None
+        self.publisher: Publisher | None = None
+        self.intake: Intake | None = None
+        self.failures: dict[str, _Failure] = {}
+        """Per component (``sink NAME``, ``mount NAME``, ``discovery``, ``api``, ...), its
+        last unexpected failure; shown in health for a while after it."""
+        self.restarts: dict[str, int] = {}
+        """Per component, how often it failed and was restarted."""
+        self._starting: set[str] = set()
+        self._configured: set[bytes] = set()  # the upper dirs of the [[mounts]] entries
+        self._discovered: dict[int, str] = {}  # kernel mount id -> the name it is followed as
+
+    # -- queries for the API ------------------------------------------------------------------
+
+    def changes(self, mount: str) -> tuple[list[Change], int]:
+        """A mount's change list and the sequence number it is consistent at."""
+        assert self.publisher is not None
+        return self.mounts[mount].tracker.changes(), self.publisher.head_seq
+
+    async def sync(self) -> None:
+        """Pass the sync barrier: every change made before the call is published and durable."""
+        assert self.hub is not None
+        assert self.intake is not None
+        await self.hub.sync()
+        await self.intake.flush()
+
+    def reopen(self) -> None:
+        """SIGHUP: every sink closes and opens again before its next batch (log rotation)."""
+        log.info("reopen_requested", sinks=len(self.runners))
+        for runner in self.runners.values():
+            runner.reopen()
+
+    @property
+    def starting(self) -> int:
+        """Configured mounts whose first start has not ended yet."""
+        return len(self._starting)
+
+    def degraded(self) -> list[str]:
+        """Why the service is not fully healthy (empty when it is)."""
+        reasons = [f"mount {name}: starting" for name in self._starting]
+        reasons += [
+            f"mount {name}: {state.tracker.degraded}"
+            for name, state in self.mounts.items()
+            if state.tracker.degraded
+        ]
+        if self.intake is not None and self.intake.error:
+            reasons.append(f"spool: {self.intake.error}")
+        reasons += [
+            f"sink {name}: {runner.health().detail}"
+            for name, runner in self.runners.items()
+            if not runner.health().ok
+        ]
+        now = time.monotonic()
+        reasons += [
+            f"{component}: failed {now - failure.at:.0f} s ago ({failure.error}); "
+            f"restarted {self.restarts[component]} times"
+            for component, failure in self.failures.items()
+            if now - failure.at < _FAILURE_SHOWN
+        ]
+        return reasons
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def run(self, *, signals: bool = True) -> None:
+        """Run until ``stop`` is set (or SIGINT/SIGTERM when ``signals``).
+
+        Raises:
+            LayerwatchError: at start, a config the environment refuses (a mount, the spool,
+                the API address); at stop, events that could not be made durable (how many).
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            if signals:
+                stack.callback(install_stop_signals(self.stop))
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGHUP, self.reopen)
+                stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            spool = stack.enter_context(
+                Spool(
+                    self.config.spool.path,
+                    max_bytes=self.config.spool.max_bytes,
+                    max_age=self.config.spool.max_age,
+                )
+            )
+            self.spool = spool
+            intake = self.intake = Intake(spool)
+            publisher = self.publisher = Publisher(
+                intake.put,
+                first_seq=spool.last_seq + 1,
+                stream=self.config.stream,
+                epoch=spool.epoch,
+            )
+            inotify = stack.enter_context(Inotify())
+            hub = Hub(inotify, publisher.publish, rescan_interval=self.config.rescan_interval)
+            stack.callback(hub.close)
+            self.hub = hub
+            prepared = [(mount, *self._prepare_mount(mount, stack)) for mount in self.config.mounts]
+            for sink in self.config.sinks:
+                self.runners[sink.name] = SinkRunner(
+                    load_sink(sink.name, sink.type, sink.options), spool, _runner_config(sink)
+                )
+            sink_stop = asyncio.Event()
+            async with asyncio.TaskGroup() as group:
+                # The writer first: a big snapshot blocks on the intake's backpressure.
+                writer = group.create_task(intake.run(), name="intake")
+                reader = group.create_task(hub.run(), name="hub")
+                for name, runner in self.runners.items():
+                    work = functools.partial(runner.run, sink_stop)
+                    group.create_task(
+                        self._supervise(f"sink {name}", work, until=sink_stop), name=f"sink-{name}"
+                    )
+                ticker = group.create_task(
+                    self._supervise("housekeeping", self._housekeeping), name="housekeeping"
+                )
+                api_task = self._start_api(group)
+                starts = [
+                    group.create_task(
+                        self._supervise(
+                            f"mount {mount.name}",
+                            functools.partial(self._start_mount, mount, fs, hub, spool, ours),
+                        ),
+                        name=f"start-{mount.name}",
+                    )
+                    for mount, fs, ours in prepared
+                ]
+                self._starting.update(mount.name for mount, _, _ in prepared)
+                self._configured = {_branch_key(fs.rw) for _, fs, _ in prepared}
+                self._announce_started()
+                if self.config.discovery is not None:
+                    work = functools.partial(self._discover, self.config.discovery, hub, spool)
+                    starts.append(
+                        group.create_task(self._supervise("discovery", work), name="discovery")
+                    )
+                await self.stop.wait()
+                log.info("service_stopping", starting=sorted(self._starting))
+                for start in starts:  # a scan in progress is abandoned at its next directory
+                    start.cancel()
+                if starts:
+                    await asyncio.wait(starts)
+                try:
+                    async with asyncio.timeout(self.config.shutdown_timeout):
+                        await hub.sync()
+                except TimeoutError:
+                    log.warning("final_sync_timeout")
+                for task in (reader, ticker, api_task):
+                    if task is not None:
+                        task.cancel()
+                try:  # a failing spool must not hold the stop: both under the deadline
+                    async with asyncio.timeout(self.config.shutdown_timeout):
+                        await publisher.bookmark()
+                        await intake.flush()
+                except TimeoutError:
+                    log.error("intake_flush_timeout", pending=intake.pending, error=intake.error)
+                lost = intake.pending
+                writer.cancel()
+                sink_stop.set()
+            log.info("service_stopped", head_seq=publisher.head_seq)
+        if lost:
+            raise SpoolError(
+                f"spool {self.config.spool.path}: {lost} events were published but could not be "
+                f"made durable before the stop deadline ({intake.error or 'spool too slow'})"
+            )
+
+    async def _start_mount(
+        self, mount: MountConfig, fs: Filesystem, hub: Hub, spool: Spool, ours: bool
+    ) -> None:
+        """Follow a configured mount; its first attempt, ok or not, counts for ``started``."""
+        try:
+            await self._follow(mount, fs, hub, spool, mounted_by_us=ours)
+        finally:
+            self._starting.discard(mount.name)
+            self._announce_started()
+
+    def _announce_started(self) -> None:
+        """Once every configured mount had its first start: ``service_started``."""
+        if not self._starting and not self.started.is_set() and not self.stop.is_set():
+            log.info("service_started", mounts=len(self.mounts), sinks=len(self.runners))
+            self.started.set()
+
+    async def _supervise(
+        self,
+        component: str,
+        work: Callable[[], Awaitable[None]],
+        *,
+        until: asyncio.Event | None = None,
+    ) -> None:
+        """Run ``work``; an unexpected exception is logged, shown in health and metrics, and
+        ``work`` runs again after a backoff, so one component never stops the others.
+
+        Config errors (the operator must act) and cancellation pass through; once ``until`` is
+        set, a failure is not restarted.
+        """
+        attempt = 0
+        while True:
+            began = time.monotonic()
+            try:
+                await work()
+                return
+            except ConfigError:
+                raise
+            except Exception as exc:
+                if time.monotonic() - began > _FAILURE_SHOWN:
+                    attempt = 0  # it ran well for a while: start the backoff over
+                delay = backoff_delay(attempt, 0.5, 30.0)
+                attempt += 1
+                self.failures[component] = _Failure(time.monotonic(), repr(exc))
+                self.restarts[component] = self.restarts.get(component, 0) + 1
+                log.error(
+                    "component_failed",
+                    component=component,
+                    error=repr(exc),
+                    restart_in=round(delay, 3),
+                    exc_info=exc,
+                )
+                if until is not None and until.is_set():
+                    return
+                await asyncio.sleep(delay)
+
+    def _start_api(self, group: asyncio.TaskGroup) -> asyncio.Task[None] | None:
+        if self.config.api is None:
+            return None
+        from watcher.http.api import serve  # the API pulls in aiohttp's server only when configured
+
+        work = functools.partial(serve, self, self.config.api)
+        return group.create_task(self._supervise("api", work), name="api")
+
+    def _prepare_mount(
+        self, mount: MountConfig, stack: contextlib.AsyncExitStack
+    ) -> tuple[Filesystem, bool]:
+        """Mount (or adopt, or attach to) a configured mount; True when it is ours to unmount.
+
+        Raises:
+            MountError: it cannot be mounted, or its mountpoint holds something else.
+        """
+        fs = filesystem_for(mount)
+        if not mount.managed:
+            return fs, False
+        info = find_mount(fs.mountpoint)
+        if info is not None and info.fstype == "overlay" and info.overlay_dirs()[0] == fs.rw:
+            log.info("mount_adopted", mount=mount.name)  # left by a run that was killed
+        elif info is not None:
+            raise MountError(
+                f"mounts: {mount.name}: {os.fsdecode(fs.mountpoint)} already has a "
+                f"{info.fstype} mount that is not this mount's rw dir"
+            )
+        else:
+            fs.mount()
+        # Still managed when adopted: unmounted at stop, like any other.
+        stack.push_async_callback(self._umount, mount.name, fs)
+        return fs, True
+
+    async def _umount(self, name: str, fs: Filesystem) -> None:
+        """Unmount a managed mount at stop, off the event loop; a busy one is left mounted
+        (the next start adopts it) and said so."""
+        try:
+            await asyncio.to_thread(fs.umount)
+        except MountError as exc:
+            log.error("umount_failed", mount=name, error=str(exc))
+
+    async def _follow(
+        self,
+        mount: MountConfig,
+        fs: Filesystem,
+        hub: Hub,
+        spool: Spool,
+        *,
+        mounted_by_us: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start tracking a mount: its snapshot (or, after a restart, what changed) first.
+
+        A ``[[mounts]]`` entry that names only a mountpoint follows whatever overlay is
+        mounted there: mounted again over a new upper, the new upper is followed.
+        """
+        assert self.publisher is not None
+        if labels:
+            self.publisher.labels[mount.name] = dict(labels)
+        lower = LowerStack(fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix)
+        resolve = None
+        if labels is None and not mount.managed and mount.upper is None:  # not discovered
+            resolve = _MountpointBranch(fs, lower, functools.partial(self._moved, mount.name))
+        tracker = Tracker(
+            mount.name, fs.rw, lower, hub, xattr_prefix=fs.xattr_prefix, resolve=resolve
+        )
+        persisted = spool.load_list(mount.name) if mount.name in spool.mounts() else None
+        await hub.follow(tracker, persisted)
+        fs = resolve.fs if resolve is not None else fs  # mounted again while starting
+        self.mounts[mount.name] = MountState(mount, fs, tracker, mounted_by_us)
+        log.info(
+            "mount_followed",
+            mount=mount.name,
+            entries=len(tracker.kinds),
+            watches=tracker.watch_count,
+            restart=persisted is not None,
+            **(labels or {}),
+        )
+
+    def _moved(self, name: str, fs: Filesystem) -> None:
+        """An attached mount's mountpoint has a new overlay: the API shows its dirs."""
+        state = self.mounts.get(name)
+        if state is not None:
+            state.fs = fs
+
+    async def _discover(self, discovery: DiscoveryConfig, hub: Hub, spool: Spool) -> None:
+        """Follow overlay mounts as they appear in the mount table; release them as they go."""
+        assert self.publisher is not None
+        source = MountSource(
+            mountpoint_glob=discovery.mountpoint_glob,
+            docker_root=discovery.docker_root,
+            containerd_state=discovery.containerd_state,
+            interval=discovery.interval,
+            mountinfo=str(discovery.mountinfo),
+        )
+        names = self._discovered  # kept across a restart of discovery, for the releases
+        async with contextlib.aclosing(source.changes()) as changes:
+            async for change in changes:
+                found = change.mount
+                if change.event is MountEvent.DISAPPEARED:
+                    name = names.pop(found.mount_id, None)
+                    if name is not None and name in self.mounts:
+                        await hub.detach(name)
+                        del self.mounts[name]
+                        self.publisher.labels.pop(name, None)
+                        await asyncio.to_thread(spool.drop_list, name)
+                        log.info("mount_released", mount=name, **found.labels)
+                    continue
+                upper = _branch_key(found.upper)
+                if upper in self._configured or any(
+                    s.tracker.upper == upper for s in self.mounts.values()
+                ):
+                    continue  # followed already (a [[mounts]] entry names it, maybe starting)
+                try:
+                    name = discovered_name(found)
+                    if name in self.mounts:
+                        raise MountError(f"the name {name!r} is taken by another mount")
+                    mount = MountConfig(name=name, mountpoint=Path(os.fsdecode(found.mountpoint)))
+                    fs = Filesystem(found.lowers, found.upper, found.mountpoint, work=found.work)
+                    await self._follow(mount, fs, hub, spool, labels=found.labels)
+                except (OSError, LayerwatchError) as exc:  # gone again before we looked, ...
+                    log.warning(
+                        "mount_follow_failed",
+                        mountpoint=os.fsdecode(found.mountpoint),
+                        error=str(exc),
+                    )
+                    continue
+                names[found.mount_id] = name
+
+    async def _housekeeping(self) -> None:
+        """Bookmarks and retention, on their own clock."""
+        assert self.spool is not None
+        assert self.publisher is not None
+        self.failures.pop("housekeeping", None)
+        last_bookmark = time.monotonic()
+        while True:
+            await asyncio.sleep(min(5.0, self.config.bookmark_interval))
+            pruned = await asyncio.to_thread(self.spool.prune, time.time())
+            if pruned is not None:
+                log.warning(
+                    "spool_gap",
+                    first=pruned.first_dropped,
+                    last=pruned.last_dropped,
+                    consumers=pruned.consumers_behind,
+                )
+                await self.publisher.control(
+                    GAP,
+                    {
+                        "first_seq": pruned.first_dropped,
+                        "last_seq": pruned.last_dropped,
+                        "consumers": pruned.consumers_behind,
+                        "reason": "retention",
+                    },
+                )
+            if time.monotonic() - last_bookmark >= self.config.bookmark_interval:
+                await self.publisher.bookmark()
+                last_bookmark = time.monotonic()
+
+
+def _branch_key(upper: bytes) -> bytes:
+    """An upper dir as its trackers name it (resolved, no trailing slash)."""
+    return os.path.realpath(upper).rstrip(b"/")
+
+
+class _MountpointBranch:
+    """Where an attached mount's branch is now: the upper of the overlay mounted at its
+    mountpoint (a ``watcher.live.tracker.Resolver``).
+
+    Every mount has a device of its own, so mountinfo is read again only when the
+    mountpoint's device changes: the tracker's periodic check costs one ``stat``.
+
+    Args:
+        fs: the mount as it was attached.
+        lower: the lower stack made for it (kept while the layers stay the same).
+        moved: told of each new overlay at the mountpoint.
+    """
+
+    def __init__(
+        self, fs: Filesystem, lower: LowerStack, moved: Callable[[Filesystem], None]
+    ) -> None:
+        self.fs, self._lower, self._moved = fs, lower, moved
+        self._dev: int | None = None  # not looked yet: the first call reads mountinfo
+        self._missing: str | None = None
+
+    def __call__(self) -> Branch:
+        try:
+            dev = os.stat(self.fs.mountpoint).st_dev
+        except OSError as exc:
+            where = os.fsdecode(self.fs.mountpoint)
+            raise MountError(f"mountpoint {where}: {exc.strerror}") from exc
+        if dev != self._dev:
+            self._dev, self._missing = dev, None
+            try:
+                self._attach()
+            except LayerwatchError as exc:
+                self._missing = str(exc)
+            except OSError:
+                self._dev = None  # mountinfo not read: read it at the next call
+                raise
+        if self._missing is not None:
+            raise MountError(self._missing)
+        return Branch(self.fs.rw, self._lower, self.fs.xattr_prefix)
+
+    def _attach(self) -> None:
+        fs, old = Filesystem.attach(self.fs.mountpoint), self.fs
+        if (fs.rw, fs.layers, fs.xattr_prefix) == (old.rw, old.layers, old.xattr_prefix):
+            return
+        if (fs.layers, fs.xattr_prefix) != (old.layers, old.xattr_prefix):
+            self._lower = LowerStack(
+                fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix
+            )
+        self.fs = fs
+        self._moved(fs)
+
+
+def _runner_config(sink: SinkConfig) -> RunnerConfig:
+    flt = None
+    if sink.mounts is not None or sink.kinds is not None or sink.paths:
+        flt = Filter(mounts=sink.mounts, kinds=sink.kinds, paths=sink.paths)
+    return RunnerConfig(
+        batch_size=sink.batch_size,
+        linger=sink.linger,
+        backoff_base=sink.backoff_base,
+        backoff_cap=sink.backoff_cap,
+        dead_letter=sink.dead_letter,
+        filter=flt,
+    )

@@ -1,0 +1,118 @@
+"""``layerwatch watch``: one mount, its snapshot then live events, as JSON lines on stdout.
+
+The smallest complete pipeline: Inotify -> Hub -> Tracker -> Publisher -> an outlet that
+writes each batch and flushes. A stop request (SIGINT/SIGTERM, or ``stop`` being set)
+passes the sync barrier first, so every change made before it is printed, then a bookmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable, Mapping
+from typing import BinaryIO
+
+import structlog
+
+from watcher.core.layers import LowerStack
+from watcher.core.mounts import Filesystem
+from watcher.core.rules import Kind
+from watcher.delivery.events import Record
+from watcher.delivery.publisher import Outlet, Publisher
+from watcher.live.hub import Hub
+from watcher.live.inotify import Inotify
+from watcher.live.tracker import Tracker
+
+__all__ = ["StreamOutlet", "install_stop_signals", "watch"]
+
+log = structlog.get_logger("layerwatch.watch")
+
+
+class StreamOutlet:
+    """Writes each record as one JSON line to a binary stream, flushed per batch."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    async def __call__(
+        self, records: list[Record], lists: Mapping[str, Mapping[bytes, Kind | None]]
+    ) -> None:
+        """Write and flush one batch."""
+        self._stream.write(b"".join(record.body + b"\n" for record in records))
+        self._stream.flush()
+
+
+def install_stop_signals(stop: asyncio.Event) -> Callable[[], None]:
+    """SIGINT/SIGTERM set ``stop``; a second signal exits at once. Returns an undo function."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second_signal_exit", signal=signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("stop_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    def undo() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+    return undo
+
+
+async def watch(
+    fs: Filesystem,
+    outlet: Outlet,
+    stop: asyncio.Event,
+    *,
+    name: str = "default",
+    ready: Callable[[Hub], None] | None = None,
+) -> Publisher:
+    """Follow one mount until ``stop`` is set; returns the publisher (for its counters).
+
+    Args:
+        fs: the union to follow (its upper dir and layers).
+        outlet: receives every batch of records.
+        stop: set it to stop; pending changes are published first, then a bookmark.
+        name: the mount's name in events.
+        ready: called with the hub once the snapshot is out (tests and the demo use it).
+    """
+    publisher = Publisher(outlet)
+    lower = LowerStack(fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix)
+    with Inotify() as inotify:
+        hub = Hub(inotify, publisher.publish)
+        reader = asyncio.create_task(hub.run(), name="hub")
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            tracker = Tracker(name, fs.rw, lower, hub, xattr_prefix=fs.xattr_prefix)
+            start = asyncio.create_task(hub.follow(tracker), name="start")
+            await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():  # stopped during the first scan: abandon it
+                start.cancel()
+                await asyncio.wait({start})
+                return publisher
+            start.result()
+            if ready is not None:
+                ready(hub)
+            await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():
+                reader.result()  # re-raise what broke the reader
+            async with asyncio.timeout(10):
+                await hub.sync()
+            await _cancel(reader)
+            await publisher.bookmark()
+        finally:
+            await _cancel(reader)
+            await _cancel(stopper)
+            hub.close()
+    return publisher
+
+
+async def _cancel(task: asyncio.Task[None] | asyncio.Task[bool]) -> None:
+    """Cancel ``task`` and wait until it ended (its outcome is the caller's business)."""
+    task.cancel()
+    await asyncio.wait({task})

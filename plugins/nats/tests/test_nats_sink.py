@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from pathlib import Path
 
 import nats
 import orjson
 import pytest
-from layerwatch_nats import NatsSink, subject_token
+from layerwatch_nats import NatsSink, event_id, subject_token
+from nats.js.api import StreamConfig
 from natskit import NatsServer, check_stored, read_stream
 
 from watcher import testing
+from watcher.core.errors import SinkRejected, SinkUnavailable
+from watcher.delivery.events import EventEncoder, Record
 
 
 async def test_stream_arrives_complete_and_in_order_per_mount(
@@ -86,6 +92,8 @@ async def test_unreachable_server_is_unavailable() -> None:
         ({"servers": []}, "sinks.n.servers"),
         ({"duplicate_window": 0}, "sinks.n.duplicate_window"),
         ({"ordered": "yes"}, "sinks.n.ordered"),
+        ({"subject": "a b.{mount}"}, "sinks.n.subject"),
+        ({"service_subject": "all\r\nPUB x 1"}, "sinks.n.service_subject"),
     ],
 )
 def test_bad_options_name_the_key(options: dict[str, object], key: str) -> None:
@@ -111,6 +119,114 @@ async def test_server_killed_mid_stream_loses_and_doubles_nothing(
     failures = await testing.deliver_through_restart(sink, nats_server, sent)
     assert failures >= 1, "the outage was not observed"
     check_stored(await read_stream(nats_server.url), sent)
+
+
+async def test_server_killed_mid_batch_fails_it_and_the_retry_stores_each_once(
+    nats_server: NatsServer,
+) -> None:
+    """One batch pipelined over many windows, the server SIGKILLed while part of it is stored:
+    send raises SinkUnavailable (acks are missing), and the same batch sent again after the
+    restart leaves every record in the stream once, each mount in order."""
+    sent = testing.mixed_records(3000)
+    options = {"servers": nats_server.url, "ack_timeout": 2.0, "window": 64}
+    async with testing.opened(NatsSink("n", options)) as sink:
+        watcher = await nats.connect(servers=[nats_server.url], allow_reconnect=False)
+        seen = asyncio.Event()
+        count = 0
+
+        async def on_message(msg: object) -> None:
+            nonlocal count
+            count += 1
+            if count == 500:
+                seen.set()
+
+        await watcher.subscribe("layerwatch.>", cb=on_message)
+        sending = asyncio.create_task(sink.send(sent))
+        await seen.wait()
+        nats_server.kill()
+        await watcher.close()
+        with pytest.raises(SinkUnavailable):
+            await sending
+        assert not sink.health().ok
+        await asyncio.to_thread(nats_server.start)
+        await testing.deliver(sink, sent)
+        assert sink.health().ok
+    check_stored(await read_stream(nats_server.url), sent)
+
+
+async def test_send_returns_only_with_every_ack(nats_server: NatsServer) -> None:
+    """With the server stopped (SIGSTOP) no ack comes: send raises SinkUnavailable after
+    ack_timeout instead of returning. After SIGCONT the late acks of that attempt are not
+    counted for the retry, which stores every record once."""
+    sent = testing.mixed_records(300)
+    options = {"servers": nats_server.url, "ack_timeout": 0.5, "window": 64}
+    async with testing.opened(NatsSink("n", options)) as sink:
+        await sink.send(sent[:100])
+        assert nats_server.proc is not None
+        os.kill(nats_server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(SinkUnavailable, match="acks missing"):
+                await sink.send(sent[100:])
+            assert not sink.health().ok
+        finally:
+            os.kill(nats_server.proc.pid, signal.SIGCONT)
+        await testing.deliver(sink, sent[100:])
+        await sink.send(sent[100:])  # once more: every ack is a duplicate's
+    check_stored(await read_stream(nats_server.url), sent)
+
+
+def _with_big_record(size: int) -> list[Record]:
+    """20 events whose 11th (a change of mount ``test``) has a body of more than ``size``."""
+    big = testing.make_records(11, 1, stream="s", paths=[b"/" + b"x" * size])
+    return [*testing.mixed_records(10), *big, *testing.mixed_records(9, start=12)]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_a_refused_record_rejects_the_batch(nats_server: NatsServer, ordered: bool) -> None:
+    """A record the stream refuses for good (over its max_msg_size) rejects the batch. With
+    ordered, the records after it fail their Nats-Expected-Last-Msg-Id check and stay out of
+    the stream, so what is stored is a prefix of the batch; without, they are stored."""
+    nc = await nats.connect(servers=[nats_server.url])
+    await nc.jetstream().add_stream(
+        StreamConfig(
+            name="LAYERWATCH", subjects=["layerwatch.>"], duplicate_window=120, max_msg_size=2000
+        )
+    )
+    await nc.close()
+    batch = _with_big_record(3000)
+    options = {"servers": nats_server.url, "ack_timeout": 2.0, "ordered": ordered}
+    async with testing.opened(NatsSink("n", options)) as sink:
+        with pytest.raises(SinkRejected, match="err_code=10054"):
+            await sink.send(batch)
+        assert not sink.health().ok
+    stored = [item.msg_id for item in await read_stream(nats_server.url)]
+    expected = batch[:10] if ordered else batch[:10] + batch[11:]
+    assert stored == [record.id for record in expected]
+
+
+async def test_a_record_over_the_server_max_payload_is_rejected_unsent(
+    sink: NatsSink, nats_server: NatsServer
+) -> None:
+    """A record larger than the server's max_payload (1 MiB) is rejected before it is
+    written (the server would close the connection); the connection serves the next batch."""
+    with pytest.raises(SinkRejected, match="too large"):
+        await sink.send(_with_big_record(1_100_000))
+    sent = testing.mixed_records(50, start=100)
+    await sink.send(sent)
+    check_stored(await read_stream(nats_server.url), sent)
+    assert sink.health().ok
+
+
+def test_event_id_reads_the_id_from_the_start_of_the_body() -> None:
+    """event_id is record.id, also for ids with JSON escapes and for bodies in another order."""
+    odd = EventEncoder(stream='we"ird\\ st\u00e9am', host="h", epoch=5)
+    escaped = odd.control(1, "m", "io.layerwatch.gap", {"x": 1}, now=0.0)
+    reordered = Record(7, "m", "t", orjson.dumps({"data": {"id": "no"}, "id": "s:1:7"}))
+    records = [*testing.mixed_records(60), escaped, reordered]
+    for record in records:
+        assert event_id(record) == record.id
+    assert event_id(escaped) == 'we"ird\\ st\u00e9am:5:1'
+    assert event_id(reordered) == "s:1:7"
 
 
 async def test_cluster_leader_killed_mid_stream_loses_nothing(

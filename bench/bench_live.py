@@ -49,10 +49,11 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
 
 from watcher.core.layers import LowerStack  # noqa: E402
-from watcher.core.rules import Change, Kind, Transition, compute  # noqa: E402
+from watcher.core.model import Change, Item, Kind, Transition  # noqa: E402
+from watcher.core.rules import compute  # noqa: E402
 from watcher.live.hub import Hub  # noqa: E402
 from watcher.live.inotify import Inotify, read_limits  # noqa: E402
-from watcher.live.tracker import Item, Tracker  # noqa: E402
+from watcher.live.tracker import Tracker  # noqa: E402
 
 # The overlay kit and the conformance lower live with the tests (test code, not the product).
 overlay: Any = importlib.import_module("overlay")
@@ -183,7 +184,7 @@ class Live:
         self.tracker = Tracker("bench", os.fsencode(ovl.upper), lower, self.hub)
         self.task: asyncio.Task[None] | None = None
 
-    async def _publish(self, tracker: Tracker, items: list[Item]) -> None:
+    async def _publish(self, mount: str, items: list[Item]) -> None:
         now = time.monotonic()
         self.items.extend(items)
         for item in items:
@@ -411,7 +412,7 @@ async def memory(entries: int) -> dict[str, float]:
         return {"entries": count, "bytes_per_entry": held / count, "peak_mb": peak / 2**20}
 
 
-async def _discard(tracker: Tracker, items: list[Item]) -> None:
+async def _discard(mount: str, items: list[Item]) -> None:
     return None
 
 

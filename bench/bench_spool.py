@@ -34,7 +34,7 @@ from pathlib import Path
 
 import structlog
 
-from watcher.core.rules import Kind, Op, Transition
+from watcher.core.model import Kind, Op, Transition
 from watcher.delivery.events import EventEncoder, Record
 from watcher.delivery.spool import Spool
 

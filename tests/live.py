@@ -15,11 +15,12 @@ import os
 from collections.abc import Mapping, Sequence
 
 from watcher.core.layers import LowerStack
-from watcher.core.rules import Change, Kind, Op, Transition, compute
+from watcher.core.model import Change, Control, Item, Kind, Op, Transition
+from watcher.core.rules import compute
 from watcher.delivery.events import SNAPSHOT_BEGIN
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
-from watcher.live.tracker import Control, Item, Tracker
+from watcher.live.tracker import Tracker
 
 ACTIVITY_OPS = frozenset({Op.MODIFY, Op.ATTRIB, Op.CREATE, Op.MOVE})
 """Ops an activity event (``kind == prev_kind``) may carry: a write, never a rescan."""
@@ -88,7 +89,7 @@ class LiveMount:
         self.initial: dict[bytes, Kind] = {}
         """What a consumer held before the first item (a restart's persisted list)."""
 
-    async def _publish(self, tracker: Tracker, items: list[Item]) -> None:
+    async def _publish(self, mount: str, items: list[Item]) -> None:
         self.items.extend(items)
         self.batches.append(items)
         self.published.set()

@@ -30,7 +30,7 @@ from overlay import requires_overlay
 from yarl import URL
 
 from watcher.cli.check import schema_for
-from watcher.core.rules import Kind
+from watcher.core.model import Kind
 from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.http import client, metrics, pipe
 from watcher.http.api import Limits, serve

@@ -23,7 +23,8 @@ from overlay import (
     to_aufs,
 )
 
-from watcher.core.rules import Change, compute
+from watcher.core.model import Change
+from watcher.core.rules import compute
 
 CASES = load_cases()
 pytestmark = [requires_overlay, pytest.mark.root]

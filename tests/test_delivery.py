@@ -16,7 +16,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from watcher.core.rules import Kind, Op, Transition
+from watcher.core.model import Kind, Op, Transition
 from watcher.delivery.events import SNAPSHOT_BEGIN, EventEncoder, Record
 from watcher.delivery.runner import Filter, RunnerConfig, SinkRunner, backoff_delay
 from watcher.delivery.spool import Spool

@@ -2,8 +2,9 @@
 
 The service runs in-process over a managed overlay mount with a real jsonl sink; every line
 it wrote is checked against the envelope schema and the ``data`` schema of its type
-(``watcher/delivery/schema/``), and against the envelope rules of ``docs/events.md`` that a schema cannot
-express (id = STREAM:EPOCH:SEQ, sequence = data.seq, subject = the percent-encoded path).
+(``watcher/delivery/schema/``), and against the envelope rules of ``docs/events.md`` that a
+schema cannot express (id = STREAM:EPOCH:SEQ, sequence = data.seq, subject = the
+percent-encoded path).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from overlay import (
 import watcher.core.export
 from watcher.core.errors import LayerError
 from watcher.core.export import export_diff, export_rootfs
-from watcher.core.rules import Change, Kind
+from watcher.core.model import Change, Kind
 
 CASES = load_cases()
 pytestmark = [requires_overlay, pytest.mark.root]

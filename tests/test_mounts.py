@@ -15,8 +15,8 @@ import pytest
 from overlay import requires_overlay
 
 from watcher.core.errors import LayerError, MountError, PathError
+from watcher.core.model import Change, Kind
 from watcher.core.mounts import Driver, Filesystem, find_mount, read_mountinfo
-from watcher.core.rules import Change, Kind
 
 pytestmark = [requires_overlay, pytest.mark.root]
 

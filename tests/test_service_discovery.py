@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from overlay import LayerEntry, build_layer, mount_overlay, requires_overlay
 
-from watcher.core.rules import Kind
+from watcher.core.model import Kind
 from watcher.service.config import parse
 from watcher.service.service import Service
 

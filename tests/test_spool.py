@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from watcher.core.errors import SpoolError
-from watcher.core.rules import Kind
+from watcher.core.model import Kind
 from watcher.delivery.events import Record
 from watcher.delivery.spool import Pruned, Spool
 
@@ -307,7 +307,7 @@ WRITER = textwrap.dedent("""
     import structlog
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     from pathlib import Path
-    from watcher.core.rules import Kind
+    from watcher.core.model import Kind
     from watcher.delivery.events import Record
     from watcher.delivery.spool import Spool
 

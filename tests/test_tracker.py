@@ -23,11 +23,11 @@ from conftest import OverlayFactory, load_cases
 from live import LiveMount, as_list, replay
 from overlay import Overlay, mount_overlay, requires_overlay, run_ops
 
-from watcher.core.rules import Child, DirState, Kind, Op, Transition, compute
+from watcher.core.model import Control, Item, Kind, Op, Transition
+from watcher.core.rules import Child, DirState, compute
 from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
-from watcher.live.tracker import Control, Item, Tracker
 
 pytestmark = [requires_overlay, pytest.mark.root]
 
@@ -236,7 +236,7 @@ async def test_non_utf8_directory_names(live: LiveMount, ovl: Overlay) -> None:
 
 
 async def test_events_valid_against_schema(live: LiveMount, ovl: Overlay) -> None:
-    """Every published event, encoded, is valid against the JSON Schemas in watcher/delivery/schema."""
+    """Every published event, encoded, is valid against the published JSON Schemas."""
     jsonschema = pytest.importorskip("jsonschema")
     orjson = pytest.importorskip("orjson")
     try:
@@ -334,7 +334,7 @@ def test_a_new_hub_removes_sync_dirs_of_dead_processes(tmp_path: Path) -> None:
             hub.close()
 
 
-async def _ignore(tracker: Tracker, items: list[Item]) -> None:
+async def _ignore(mount: str, items: list[Item]) -> None:
     """A publish that drops everything."""
 
 

@@ -16,7 +16,8 @@ from watcher.core.errors import (
     WatchLimitError,
 )
 from watcher.core.layers import LowerStack, Whiteouts
-from watcher.core.rules import Change, Kind, Op, Transition, compute
+from watcher.core.model import Change, Kind, Op, Transition
+from watcher.core.rules import compute
 
 __all__ = [
     "Change",

@@ -15,8 +15,8 @@ from watcher.cli.check import add_check_command
 from watcher.cli.demo import run_demo
 from watcher.core.errors import LayerwatchError
 from watcher.core.layers import Whiteouts
+from watcher.core.model import Change
 from watcher.core.mounts import Driver, Filesystem
-from watcher.core.rules import Change
 from watcher.delivery.events import path_fields
 from watcher.http import client
 from watcher.service import config

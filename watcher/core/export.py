@@ -41,7 +41,8 @@ from watcher.core.layers import (
     child_path,
     is_overlay_whiteout,
 )
-from watcher.core.rules import Kind, compute
+from watcher.core.model import Kind
+from watcher.core.rules import compute
 
 __all__ = ["export_diff", "export_rootfs"]
 

@@ -20,7 +20,8 @@ from typing import BinaryIO, Final
 
 from watcher.core.errors import LayerError, MountError, PathError
 from watcher.core.layers import Whiteouts
-from watcher.core.rules import Change, compute
+from watcher.core.model import Change
+from watcher.core.rules import compute
 
 __all__ = [
     "DirEntry",

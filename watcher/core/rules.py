@@ -5,7 +5,6 @@ U is the upper (writable) directory, B the union of the lower layers (``watcher.
 
 from __future__ import annotations
 
-import enum
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -23,58 +22,12 @@ from watcher.core.layers import (
     get_xattr,
     is_overlay_whiteout,
 )
+from watcher.core.model import Change, Kind
 
-__all__ = ["Change", "Child", "DirState", "Kind", "Op", "Rules", "Transition", "compute"]
+__all__ = ["Child", "DirState", "Rules", "compute"]
 
 _CAPABILITY: Final = b"security.capability"
 _NS_PER_S: Final = 1_000_000_000
-
-
-class Kind(enum.StrEnum):
-    """The kind of a change-list entry, as ``docker diff`` prints it."""
-
-    ADDED = "A"
-    CHANGED = "C"
-    DELETED = "D"
-
-
-class Op(enum.StrEnum):
-    """What caused a transition (the event's ``op``)."""
-
-    CREATE = "create"
-    MODIFY = "modify"
-    ATTRIB = "attrib"
-    DELETE = "delete"
-    MOVE = "move"
-    WHITEOUT = "whiteout"
-    OPAQUE = "opaque"
-    RESCAN = "rescan"
-    SNAPSHOT = "snapshot"
-
-
-class Change(NamedTuple):
-    """One entry of the change list: ``kind`` at ``path`` (absolute inside the root, bytes).
-
-    A named tuple: lists of them are built by the hundred thousand, and they sort by path.
-    """
-
-    path: bytes
-    kind: Kind
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """A path's entry moved from ``prev_kind`` to ``kind`` (None: not in the list).
-
-    ``kind == prev_kind`` is an activity event (a write to a path already in the list).
-    ``stat`` is the entry's ``lstat`` in the merged view, or None when it is gone.
-    """
-
-    path: bytes
-    kind: Kind | None
-    prev_kind: Kind | None
-    op: Op
-    stat: os.stat_result | None
 
 
 @dataclass(frozen=True, slots=True)

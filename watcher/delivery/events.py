@@ -19,7 +19,15 @@ from typing import Any, Final
 
 import orjson
 
-from watcher.core.rules import Transition
+from watcher.core.model import (
+    BOOKMARK,
+    CHANGE,
+    GAP,
+    RESYNC,
+    SNAPSHOT_BEGIN,
+    SNAPSHOT_END,
+    Transition,
+)
 
 __all__ = [
     "BOOKMARK",
@@ -33,13 +41,6 @@ __all__ = [
     "file_type",
     "path_fields",
 ]
-
-CHANGE: Final = "io.layerwatch.change"
-SNAPSHOT_BEGIN: Final = "io.layerwatch.snapshot.begin"
-SNAPSHOT_END: Final = "io.layerwatch.snapshot.end"
-RESYNC: Final = "io.layerwatch.resync"
-BOOKMARK: Final = "io.layerwatch.bookmark"
-GAP: Final = "io.layerwatch.gap"
 
 
 @dataclass(frozen=True, slots=True)

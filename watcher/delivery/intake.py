@@ -18,7 +18,7 @@ from typing import Final
 import structlog
 
 from watcher.core.errors import SpoolError
-from watcher.core.rules import Kind
+from watcher.core.model import Kind
 from watcher.delivery.events import Record
 from watcher.delivery.spool import Spool
 

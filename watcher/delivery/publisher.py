@@ -12,9 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from watcher.core.rules import Kind, Transition
+from watcher.core.model import Item, Kind, Transition
 from watcher.delivery.events import BOOKMARK, EventEncoder, Record
-from watcher.live.tracker import Item, Tracker
 
 __all__ = ["Outlet", "Publisher", "list_updates"]
 
@@ -83,12 +82,12 @@ class Publisher:
                 )
         return records
 
-    async def publish(self, tracker: Tracker, items: list[Item]) -> None:
-        """The hub's ``publish``: encode and hand over one tracker's items."""
+    async def publish(self, mount: str, items: list[Item]) -> None:
+        """The hub's ``publish``: encode and hand over one mount's items."""
         if not items:
             return
-        records = self.encode(tracker.mount, items)
-        await self._outlet(records, {tracker.mount: list_updates(items)})
+        records = self.encode(mount, items)
+        await self._outlet(records, {mount: list_updates(items)})
         self.published += len(records)
 
     async def control(self, type_: str, data: Mapping[str, Any], mount: str = "") -> None:

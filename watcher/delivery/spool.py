@@ -62,7 +62,7 @@ from typing import Final, Self
 import structlog
 
 from watcher.core.errors import SpoolError
-from watcher.core.rules import Kind
+from watcher.core.model import Kind
 from watcher.delivery.events import Record
 
 __all__ = ["Pruned", "Spool", "SpoolStats"]

@@ -35,13 +35,12 @@ from aiohttp import web
 
 from watcher.core.errors import ConfigError, LayerwatchError, PathError, WatchError
 from watcher.core.export import export_diff, export_rootfs
-from watcher.core.rules import Kind
+from watcher.core.model import Control, Item, Kind
 from watcher.delivery.events import RESYNC, file_type, path_fields
 from watcher.http.metrics import CONTENT_TYPE, Exposition
 from watcher.http.pipe import Pipe
 from watcher.http.streams import EventStream
 from watcher.live.inotify import read_limits
-from watcher.live.tracker import Control, Item
 from watcher.service.config import ApiConfig
 from watcher.service.service import MountState, Service
 
@@ -570,7 +569,7 @@ class _Api:
         publisher = self.service.publisher
         assert publisher is not None
         resync: list[Item] = [Control(RESYNC, {"mount": name, "reason": "reset"})]
-        await publisher.publish(state.tracker, resync + state.tracker.snapshot_items("reset"))
+        await publisher.publish(name, resync + state.tracker.snapshot_items("reset"))
         self.resets += 1
         changes, seq = self.service.changes(name)
         return _json({"mount": name, "seq": seq, "entries": len(changes)})

@@ -21,7 +21,7 @@ from typing import IO, Any, BinaryIO, Final
 import aiohttp
 
 from watcher.core.errors import LayerwatchError
-from watcher.core.rules import Change, Kind
+from watcher.core.model import Change, Kind
 
 __all__ = [
     "ServerError",

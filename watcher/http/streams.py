@@ -25,9 +25,8 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from watcher.core.rules import Transition
+from watcher.core.model import Control, Item, Transition
 from watcher.delivery.events import RESYNC, Record
-from watcher.live.tracker import Control, Item
 from watcher.service.service import Service
 
 __all__ = ["EventStream", "Frame"]

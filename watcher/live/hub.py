@@ -33,7 +33,7 @@ from typing import Final
 
 import structlog
 
-from watcher.core.rules import Kind, Op
+from watcher.core.model import Item, Kind, Op
 from watcher.live.inotify import (
     IN_ATTRIB,
     IN_CLOSE_WRITE,
@@ -49,14 +49,15 @@ from watcher.live.inotify import (
     Inotify,
     RawEvent,
 )
-from watcher.live.tracker import Item, Tracker, WatchOps
+from watcher.live.tracker import Tracker, WatchOps
 
 __all__ = ["Hub", "Publish", "StartAbandoned"]
 
 log = structlog.get_logger("layerwatch.hub")
 
-Publish = Callable[[Tracker, list[Item]], Awaitable[None]]
-"""Receives each tracker's items, in order; the hub waits for it before reading on."""
+Publish = Callable[[str, list[Item]], Awaitable[None]]
+"""Receives each mount's items (by mount name), in order; the hub waits for it before reading
+on."""
 
 _OPS: Final = (
     (IN_CREATE, Op.CREATE),
@@ -179,7 +180,7 @@ class Hub(WatchOps):
     async def attach(self, tracker: Tracker, items: list[Item]) -> None:
         """Register a started tracker and publish its first items (its snapshot)."""
         self.trackers[tracker.mount] = tracker
-        await self._publish(tracker, items)
+        await self._publish(tracker.mount, items)
 
     async def follow(self, tracker: Tracker, persisted: Mapping[bytes, Kind] | None = None) -> None:
         """Start ``tracker`` (``Tracker.start``) in a worker thread and publish its first items.
@@ -238,7 +239,7 @@ class Hub(WatchOps):
 
     async def _publish_chunked(self, tracker: Tracker, items: list[Item]) -> None:
         for first in range(0, len(items), _CHUNK):
-            await self._publish(tracker, items[first : first + _CHUNK])
+            await self._publish(tracker.mount, items[first : first + _CHUNK])
 
     async def detach(self, mount: str) -> None:
         """Stop following a mount: drop its watches."""

@@ -18,30 +18,28 @@ import os
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 import structlog
 
 from watcher.core.errors import LayerwatchError, WatchError, WatchLimitError
 from watcher.core.layers import LowerStack, child_path
-from watcher.core.rules import Change, DirState, Kind, Op, Rules, Transition
-from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.core.model import (
+    RESYNC,
+    SNAPSHOT_BEGIN,
+    SNAPSHOT_END,
+    Change,
+    Control,
+    Item,
+    Kind,
+    Op,
+    Transition,
+)
+from watcher.core.rules import DirState, Rules
 
-__all__ = ["Branch", "Control", "Item", "Resolver", "Tracker", "WatchOps"]
+__all__ = ["Branch", "Resolver", "Tracker", "WatchOps"]
 
 log = structlog.get_logger("layerwatch.tracker")
-
-
-@dataclass(frozen=True, slots=True)
-class Control:
-    """A control event, ordered among the transitions of its mount."""
-
-    type: str
-    data: dict[str, Any]
-
-
-Item = Transition | Control
-"""What a tracker emits: transitions and control events, in order."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ import structlog
 
 from watcher.core.errors import ConfigError, LayerwatchError, MountError, SpoolError
 from watcher.core.layers import LowerStack
+from watcher.core.model import Change
 from watcher.core.mounts import Driver, Filesystem, find_mount
-from watcher.core.rules import Change
 from watcher.delivery.events import GAP
 from watcher.delivery.intake import Intake
 from watcher.delivery.plugins import load_sink

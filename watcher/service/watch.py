@@ -16,8 +16,8 @@ from typing import BinaryIO
 import structlog
 
 from watcher.core.layers import LowerStack
+from watcher.core.model import Kind
 from watcher.core.mounts import Filesystem
-from watcher.core.rules import Kind
 from watcher.delivery.events import Record
 from watcher.delivery.publisher import Outlet, Publisher
 from watcher.live.hub import Hub

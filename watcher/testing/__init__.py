@@ -62,7 +62,7 @@ from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
 from watcher.core.errors import ConfigError, SinkRejected, SinkUnavailable
-from watcher.core.rules import Kind, Op, Transition
+from watcher.core.model import Kind, Op, Transition
 from watcher.delivery.events import BOOKMARK, SNAPSHOT_BEGIN, SNAPSHOT_END, EventEncoder, Record
 from watcher.delivery.plugins import Options
 from watcher.delivery.runner import backoff_delay

@@ -1,0 +1,95 @@
+"""The vocabulary every layer speaks: change-list entries, transitions, control events.
+
+A change list is a set of ``Change`` (a path and its ``Kind``); keeping it live produces
+``Transition`` values (a path's entry moving from one kind to another, or an activity on it)
+and ``Control`` events (snapshot bounds, resyncs), in order: together, ``Item``. The event
+types named here are the CloudEvents ``type`` of each (``docs/events.md``).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
+
+__all__ = [
+    "BOOKMARK",
+    "CHANGE",
+    "GAP",
+    "RESYNC",
+    "SNAPSHOT_BEGIN",
+    "SNAPSHOT_END",
+    "Change",
+    "Control",
+    "Item",
+    "Kind",
+    "Op",
+    "Transition",
+]
+
+CHANGE: Final = "io.layerwatch.change"
+SNAPSHOT_BEGIN: Final = "io.layerwatch.snapshot.begin"
+SNAPSHOT_END: Final = "io.layerwatch.snapshot.end"
+RESYNC: Final = "io.layerwatch.resync"
+BOOKMARK: Final = "io.layerwatch.bookmark"
+GAP: Final = "io.layerwatch.gap"
+
+
+class Kind(enum.StrEnum):
+    """The kind of a change-list entry, as ``docker diff`` prints it."""
+
+    ADDED = "A"
+    CHANGED = "C"
+    DELETED = "D"
+
+
+class Op(enum.StrEnum):
+    """What caused a transition (the event's ``op``)."""
+
+    CREATE = "create"
+    MODIFY = "modify"
+    ATTRIB = "attrib"
+    DELETE = "delete"
+    MOVE = "move"
+    WHITEOUT = "whiteout"
+    OPAQUE = "opaque"
+    RESCAN = "rescan"
+    SNAPSHOT = "snapshot"
+
+
+class Change(NamedTuple):
+    """One entry of the change list: ``kind`` at ``path`` (absolute inside the root, bytes).
+
+    A named tuple: lists of them are built by the hundred thousand, and they sort by path.
+    """
+
+    path: bytes
+    kind: Kind
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A path's entry moved from ``prev_kind`` to ``kind`` (None: not in the list).
+
+    ``kind == prev_kind`` is an activity event (a write to a path already in the list).
+    ``stat`` is the entry's ``lstat`` in the merged view, or None when it is gone.
+    """
+
+    path: bytes
+    kind: Kind | None
+    prev_kind: Kind | None
+    op: Op
+    stat: os.stat_result | None
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A control event, ordered among the transitions of its mount."""
+
+    type: str
+    data: dict[str, Any]
+
+
+Item = Transition | Control
+"""What keeping a list live emits: transitions and control events, in order."""

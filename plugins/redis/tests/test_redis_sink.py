@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio
+import redis.asyncio.connection
 import structlog
-from layerwatch_redis import RedisSink, entry_id
+from layerwatch_redis import RedisSink, entry_id, event_id_bytes
 from rediskit import RedisServer, check_streams, read_streams
 
 from watcher import testing
 from watcher.core.errors import SinkRejected, SinkUnavailable
-from watcher.delivery.events import Record
+from watcher.delivery.events import EventEncoder, Record
 
 
 async def test_stream_arrives_complete_and_in_order_per_mount(
@@ -161,3 +165,51 @@ async def test_readme_consumer_rebuilds_the_change_lists(
     expected = await testing.send_change_lists(sink)
     rebuild = testing.readme_example(Path(__file__).parents[1] / "README.md")["rebuild"]
     assert await rebuild(redis_server.url) == expected
+
+
+@pytest.mark.parametrize("options", [{}, {"maxlen": 1000, "stream": "lw:{mount}"}])
+def test_the_batch_is_what_redis_py_would_send(options: dict[str, object]) -> None:
+    """The packed batch is byte for byte what a redis-py MULTI/EXEC pipeline of the same
+    XADDs sends (keys, MAXLEN ~, entry ids, fields)."""
+    sink = RedisSink("r", options)
+    batch = testing.mixed_records(120)
+    client = redis.asyncio.Redis()
+    pipe = client.pipeline(transaction=True)
+    for record in batch:
+        fields: dict[Any, Any] = {"id": record.id, "type": record.type, "event": record.body}
+        maxlen: Any = options.get("maxlen")
+        pipe.xadd(sink.stream(record.mount), fields, id=entry_id(record), maxlen=maxlen)
+    commands = [("MULTI",), *(args for args, _ in pipe.command_stack), ("EXEC",)]
+    packed = redis.asyncio.connection.Connection().pack_commands(commands)
+    assert sink._commands(batch) == b"".join(packed)
+
+
+async def test_a_server_that_stops_answering_is_unavailable_then_written_once(
+    redis_server: RedisServer,
+) -> None:
+    """With the server stopped (SIGSTOP), send raises SinkUnavailable after ``timeout`` (one
+    deadline for the whole round trip); after SIGCONT the retry writes the batch, once."""
+    sent = testing.mixed_records(400)
+    async with testing.opened(RedisSink("r", {"url": redis_server.url, "timeout": 0.5})) as sink:
+        await sink.send(sent[:200])
+        assert redis_server.proc is not None
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(SinkUnavailable):
+                await sink.send(sent[200:])
+            assert not sink.health().ok
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        await testing.deliver(sink, sent[200:])
+        assert sink.health().ok
+        await check_streams(sink, redis_server.url, sent)
+
+
+def test_event_id_bytes_reads_the_id_from_the_start_of_the_body() -> None:
+    """event_id_bytes is record.id in UTF-8, also for ids with JSON escapes and for bodies
+    in another order."""
+    odd = EventEncoder(stream='we"ird\\ st\u00e9am', host="h", epoch=5)
+    escaped = odd.control(1, "m", "io.layerwatch.gap", {"x": 1}, now=0.0)
+    reordered = Record(7, "m", "t", orjson.dumps({"data": {"id": "no"}, "id": "s:1:7"}))
+    for record in [*testing.mixed_records(60), escaped, reordered]:
+        assert event_id_bytes(record) == record.id.encode()

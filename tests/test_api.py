@@ -30,6 +30,7 @@ from overlay import requires_overlay
 from yarl import URL
 
 from watcher.cli.check import schema_for
+from watcher.cli.main import service_for
 from watcher.core.model import Kind
 from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.http import client, metrics, pipe
@@ -102,7 +103,7 @@ async def running(
         api=None if limits is not None else api,
         stream="test",
     )
-    service = Service(config)
+    service = service_for(config)
     task = asyncio.create_task(service.run(signals=False))
     api_task: asyncio.Task[None] | None = None
     try:

@@ -25,6 +25,7 @@ import pytest
 from overlay import LayerEntry, build_layer, requires_overlay, unmount
 
 from watcher.cli.check import SCHEMA_FILES, schema_for
+from watcher.cli.main import service_for
 from watcher.core.mounts import find_mount
 from watcher.delivery.events import BOOKMARK, CHANGE, GAP, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.service import config
@@ -110,7 +111,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
 async def run_service(text: str, path: Path, act: Callable[[Service], Any]) -> None:
     """Run the service from config ``text`` around ``act(service)``, then stop it cleanly."""
     await asyncio.to_thread(path.write_text, text)
-    service = Service(config.load(path))
+    service = service_for(config.load(path))
     task = asyncio.create_task(service.run(signals=False))
     async with asyncio.timeout(30):
         started = asyncio.create_task(service.started.wait())

@@ -25,6 +25,11 @@ ALLOWED: dict[str, set[str]] = {
     "testing": {"core", "delivery", "testing"},
     "": {"core"},  # watcher/__init__.py: the public front door
 }
+ALSO: dict[str, set[str]] = {
+    # The parsed configuration is data every edge reads (the API its [api] table); the HTTP
+    # layer imports it, never the running service (it reads that through http/view.py).
+    "http": {"watcher.service.config"},
+}
 
 
 def _module(path: Path) -> str:
@@ -63,8 +68,9 @@ MODULES = {_module(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_only_downward(module: str) -> None:
     """A module imports only its own layer and the layers below it."""
-    allowed = ALLOWED[_layer(module)]
-    upward = sorted(dep for dep in MODULES[module] if _layer(dep) not in allowed)
+    layer = _layer(module)
+    allowed, also = ALLOWED[layer], ALSO.get(layer, set())
+    upward = sorted(d for d in MODULES[module] if _layer(d) not in allowed and d not in also)
     assert not upward, f"{module} imports a higher layer: {upward}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from watcher.service import config
 from watcher.service.service import Service
 from watcher.service.watch import StreamOutlet, install_stop_signals, watch
 
-__all__ = ["escape_path", "main"]
+__all__ = ["escape_path", "main", "service_for"]
 
 _CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]}
 
@@ -79,10 +80,20 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def service_for(cfg: config.Config) -> Service:
+    """The service ``layerwatch run`` runs: the service, and beside it the API when the
+    config has an ``[api]`` table (the composition: the service knows nothing of HTTP)."""
+    if cfg.api is None:
+        return Service(cfg)
+    from watcher.http.api import serve  # aiohttp's server only when an API is configured
+
+    return Service(cfg, components={"api": functools.partial(serve, config=cfg.api)})
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     log.configure(level=cfg.log_level)
-    asyncio.run(Service(cfg).run())
+    asyncio.run(service_for(cfg).run())
     return 0
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from watcher.core.model import Item, Kind, Transition
+from watcher.core.model import RESYNC, Control, Item, Kind, Transition
 from watcher.delivery.events import BOOKMARK, EventEncoder, Record
 
 __all__ = ["Outlet", "Publisher", "list_updates"]
@@ -58,6 +58,8 @@ class Publisher:
         self._outlet = outlet
         self.next_seq = first_seq
         self.published = 0
+        self.resyncs: dict[str, int] = {}
+        """Resyncs published, by reason."""
         self.labels: dict[str, dict[str, str]] = {}
         """Per mount, labels added to each of its events (discovered containers)."""
 
@@ -67,20 +69,28 @@ class Publisher:
         return self.next_seq - 1
 
     def encode(self, mount: str, items: list[Item]) -> list[Record]:
-        """Number and encode ``items`` of ``mount``."""
+        """Number and encode ``items`` of ``mount`` (counting the resyncs among them)."""
         now = time.time()
-        labels = self.labels.get(mount)
-        records = []
+        first = self.next_seq
+        self.next_seq += len(items)
+        records = [
+            self.encode_one(seq, mount, item, now=now)
+            for seq, item in enumerate(items, start=first)
+        ]
         for item in items:
-            seq = self.next_seq
-            self.next_seq += 1
-            if isinstance(item, Transition):
-                records.append(self.encoder.change(seq, mount, item, now=now, labels=labels))
-            else:
-                records.append(
-                    self.encoder.control(seq, mount, item.type, item.data, now=now, labels=labels)
-                )
+            if isinstance(item, Control) and item.type == RESYNC:
+                reason = str(item.data.get("reason"))
+                self.resyncs[reason] = self.resyncs.get(reason, 0) + 1
         return records
+
+    def encode_one(self, seq: int, mount: str, item: Item, *, now: float | None = None) -> Record:
+        """Encode ``item`` as ``mount``'s event at ``seq``, without numbering it (a
+        synthesized snapshot reuses the head's number)."""
+        now = time.time() if now is None else now
+        labels = self.labels.get(mount)
+        if isinstance(item, Transition):
+            return self.encoder.change(seq, mount, item, now=now, labels=labels)
+        return self.encoder.control(seq, mount, item.type, item.data, now=now, labels=labels)
 
     async def publish(self, mount: str, items: list[Item]) -> None:
         """The hub's ``publish``: encode and hand over one mount's items."""

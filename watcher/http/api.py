@@ -35,14 +35,14 @@ from aiohttp import web
 
 from watcher.core.errors import ConfigError, LayerwatchError, PathError, WatchError
 from watcher.core.export import export_diff, export_rootfs
-from watcher.core.model import Control, Item, Kind
-from watcher.delivery.events import RESYNC, file_type, path_fields
+from watcher.core.model import Kind
+from watcher.delivery.events import file_type, path_fields
 from watcher.http.metrics import CONTENT_TYPE, Exposition
 from watcher.http.pipe import Pipe
 from watcher.http.streams import EventStream
+from watcher.http.view import MountView, ServiceView
 from watcher.live.inotify import read_limits
 from watcher.service.config import ApiConfig
-from watcher.service.service import MountState, Service
 
 __all__ = ["COOKIE", "Limits", "build_app", "parse_listen", "serve"]
 
@@ -157,7 +157,7 @@ def _unix_socket(path: Path) -> socket.socket:
     return sock
 
 
-async def serve(service: Service, config: ApiConfig, *, limits: Limits | None = None) -> None:
+async def serve(service: ServiceView, config: ApiConfig, *, limits: Limits | None = None) -> None:
     """Serve the API for ``service`` until cancelled; then close and remove the socket.
 
     Raises:
@@ -230,7 +230,7 @@ class _ProtocolLog(logging.Logger):
 
 
 def build_app(
-    service: Service,
+    service: ServiceView,
     *,
     token: str | None = None,
     limits: Limits | None = None,
@@ -354,10 +354,9 @@ def _since(request: web.Request, head: int, epoch: int) -> int:
 
 @dataclass(slots=True)
 class _Api:
-    service: Service
+    service: ServiceView
     limits: Limits
     streams: set[asyncio.Task[Any]] = field(default_factory=set)
-    resets: int = 0
     events: EventStream = field(init=False)
 
     def __post_init__(self) -> None:
@@ -371,29 +370,28 @@ class _Api:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _state(self, request: web.Request) -> MountState:
+    def _state(self, request: web.Request) -> MountView:
         name = request.match_info["name"]
         state = self.service.mounts.get(name)
         if state is None:
             _refuse(404, f"no mount named {name!r}")
         return state
 
-    def _mount_json(self, name: str, state: MountState) -> dict[str, Any]:
-        tracker = state.tracker
+    def _mount_json(self, name: str, state: MountView) -> dict[str, Any]:
         counts = {k.value: 0 for k in Kind}
-        for kind in tracker.kinds.values():
+        for kind in state.kinds.values():
             counts[kind.value] += 1
         return {
             "name": name,
-            "managed": state.config.managed,
+            "managed": state.managed,
             "mountpoint": os.fsdecode(state.fs.mountpoint),
             "upper": os.fsdecode(state.fs.rw),
             "lowers": [os.fsdecode(layer) for layer in state.fs.layers],
             "whiteouts": state.fs.whiteouts.value,
-            "entries": len(tracker.kinds),
+            "entries": len(state.kinds),
             "counts": counts,
-            "watches": tracker.watch_count,
-            "degraded": tracker.degraded,
+            "watches": state.watch_count,
+            "degraded": state.degraded,
             "errors": list(state.errors),
         }
 
@@ -406,12 +404,10 @@ class _Api:
 
     @property
     def _head(self) -> int:
-        assert self.service.publisher is not None
-        return self.service.publisher.head_seq
+        return self.service.head_seq
 
     @property
     def _epoch(self) -> int:
-        assert self.service.spool is not None
         return self.service.spool.epoch
 
     async def close_streams(self, _app: web.Application) -> None:
@@ -445,27 +441,34 @@ class _Api:
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text exposition (version 0.0.4)."""
-        text = Exposition()
         svc = self.service
-        publisher, hub, spool = svc.publisher, svc.hub, svc.spool
-        assert publisher is not None
-        assert hub is not None
-        assert spool is not None
+        spool = await asyncio.to_thread(svc.spool.stats)
+        text = Exposition()
         text.family("events_published_total", "counter", "Events published to the spool.")
-        text.sample("events_published_total", publisher.published)
+        text.sample("events_published_total", svc.published)
         text.family("head_seq", "gauge", "The sequence number of the newest event.")
-        text.sample("head_seq", publisher.head_seq)
+        text.sample("head_seq", svc.head_seq)
         text.family("spool_first_seq", "gauge", "The oldest sequence number the spool retains.")
         text.sample("spool_first_seq", spool.first_seq)
+        text.family("spool_records", "gauge", "Events the spool retains.")
+        text.sample("spool_records", spool.records)
+        text.family("spool_bytes", "gauge", "Bytes of the events the spool retains.")
+        text.sample("spool_bytes", spool.bytes)
         text.family("sink_lag", "gauge", "Events in the spool a sink has not acknowledged.")
         text.family("sink_delivered_total", "counter", "Events a sink accepted.")
+        text.family("sink_retries_total", "counter", "Failed sink attempts that were retried.")
+        text.family("sink_dead_lettered_total", "counter", "Events a sink rejected.")
+        text.family("sink_filtered_total", "counter", "Events a sink's filter dropped.")
         text.family("sink_up", "gauge", "1 when the sink is healthy.")
-        for name, runner in svc.runners.items():
-            text.sample("sink_lag", runner.lag, sink=name)
-            text.sample("sink_delivered_total", runner.delivered, sink=name)
-            text.sample("sink_up", int(runner.health().ok), sink=name)
+        for name, sink in svc.sinks.items():
+            text.sample("sink_lag", sink.lag, sink=name)
+            text.sample("sink_delivered_total", sink.delivered, sink=name)
+            text.sample("sink_retries_total", sink.retries, sink=name)
+            text.sample("sink_dead_lettered_total", sink.dead_lettered, sink=name)
+            text.sample("sink_filtered_total", sink.filtered, sink=name)
+            text.sample("sink_up", int(sink.health().ok), sink=name)
         text.family("inotify_watches", "gauge", "inotify watches held for all mounts.")
-        text.sample("inotify_watches", hub.watch_count)
+        text.sample("inotify_watches", svc.watches)
         with contextlib.suppress(WatchError):
             limits = read_limits()
             text.family("inotify_max_user_watches", "gauge", "fs.inotify.max_user_watches.")
@@ -473,21 +476,21 @@ class _Api:
             text.family("inotify_max_queued_events", "gauge", "fs.inotify.max_queued_events.")
             text.sample("inotify_max_queued_events", limits.max_queued_events)
         text.family("inotify_events_read_total", "counter", "inotify events read.")
-        text.sample("inotify_events_read_total", hub.events_read)
+        text.sample("inotify_events_read_total", svc.events_read)
         text.family(
             "inotify_overflows_total", "counter", "inotify queue overflows (IN_Q_OVERFLOW)."
         )
-        text.sample("inotify_overflows_total", hub.overflows)
-        text.family("resyncs_total", "counter", "Resyncs announced, by reason.")
-        text.sample("resyncs_total", hub.overflows * len(svc.mounts), reason="overflow")
-        text.sample("resyncs_total", self.resets, reason="reset")
+        text.sample("inotify_overflows_total", svc.overflows)
+        text.family("resyncs_total", "counter", "Resyncs published, by reason.")
+        for reason, count in sorted(svc.resyncs.items()):
+            text.sample("resyncs_total", count, reason=reason)
         text.family("mount_entries", "gauge", "Entries in a mount's change list.")
         text.family("mount_watches", "gauge", "inotify watches held for a mount.")
         text.family("mount_degraded", "gauge", "1 when the mount is kept by periodic rescans.")
         for name, state in svc.mounts.items():
-            text.sample("mount_entries", len(state.tracker.kinds), mount=name)
-            text.sample("mount_watches", state.tracker.watch_count, mount=name)
-            text.sample("mount_degraded", int(bool(state.tracker.degraded)), mount=name)
+            text.sample("mount_entries", len(state.kinds), mount=name)
+            text.sample("mount_watches", state.watch_count, mount=name)
+            text.sample("mount_degraded", int(bool(state.degraded)), mount=name)
         text.family(
             "component_restarts_total",
             "counter",
@@ -516,7 +519,7 @@ class _Api:
     async def mount(self, request: web.Request) -> web.Response:
         """One mount."""
         state = self._state(request)
-        return _json(self._mount_json(state.config.name, state))
+        return _json(self._mount_json(state.name, state))
 
     async def changes(self, request: web.Request) -> web.Response:
         """The change list (``diff --json`` rows) and the sequence number it is consistent at."""
@@ -526,9 +529,9 @@ class _Api:
             _refuse(400, "sync must be 0 or 1")
         if flag in ("1", "true"):
             await self._sync(self.limits.sync_timeout)
-        changes, seq = self.service.changes(state.config.name)
+        changes, seq = state.changes(), self.service.head_seq
         rows = [{"kind": c.kind.value, **path_fields(c.path)} for c in changes]
-        return _json({"mount": state.config.name, "seq": seq, "changes": rows})
+        return _json({"mount": state.name, "seq": seq, "changes": rows})
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -553,40 +556,34 @@ class _Api:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
             _refuse(400, "timeout must be a positive number of seconds")
         await self._sync(min(float(timeout), 300.0))
-        changes, seq = self.service.changes(state.config.name)
-        return _json({"mount": state.config.name, "seq": seq, "entries": len(changes)})
+        changes, seq = state.changes(), self.service.head_seq
+        return _json({"mount": state.name, "seq": seq, "entries": len(changes)})
 
     async def reset(self, request: web.Request) -> web.Response:
         """Empty a managed mount's writable branch (unmount, clear, remount), then resync."""
         state = self._state(request)
         await self._body(request)
-        if not state.config.managed:
-            _refuse(409, f"mount {state.config.name!r} is attached, not managed; not resetting it")
-        name = state.config.name
+        if not state.managed:
+            _refuse(409, f"mount {state.name!r} is attached, not managed; not resetting it")
+        name = state.name
         log.info("api_reset", mount=name)
-        await asyncio.to_thread(state.fs.reset)
-        await self._sync(self.limits.sync_timeout)
-        publisher = self.service.publisher
-        assert publisher is not None
-        resync: list[Item] = [Control(RESYNC, {"mount": name, "reason": "reset"})]
-        await publisher.publish(name, resync + state.tracker.snapshot_items("reset"))
-        self.resets += 1
-        changes, seq = self.service.changes(name)
+        await self.service.reset(name)
+        changes, seq = state.changes(), self.service.head_seq
         return _json({"mount": name, "seq": seq, "entries": len(changes)})
 
     # -- reading inside the root ----------------------------------------------------------------
 
-    def _inner_path(self, request: web.Request, state: MountState, what: str) -> bytes:
+    def _inner_path(self, request: web.Request, state: MountView, what: str) -> bytes:
         """The raw bytes of the path after ``/files/`` or ``/dirs/``, checked."""
         raw = request.raw_path.partition("?")[0]
-        prefix = f"/v1/mounts/{state.config.name}/{what}"
+        prefix = f"/v1/mounts/{state.name}/{what}"
         if not raw.startswith(prefix):
             _refuse(400, "write the mount name without percent-encoding")
         path = urllib.parse.unquote_to_bytes(raw[len(prefix) :])
         if b"\0" in path or b".." in path.split(b"/"):
             _refuse(400, "'..' and NUL are not allowed in paths; give a plain path in the root")
         if not _has_merged_view(state):
-            _refuse(409, f"mount {state.config.name!r} has no merged view to read from")
+            _refuse(409, f"mount {state.name!r} has no merged view to read from")
         return b"/" + path.lstrip(b"/")
 
     async def file(self, request: web.Request) -> web.StreamResponse:
@@ -618,7 +615,7 @@ class _Api:
         state = self._state(request)
         path = self._inner_path(request, state, "dirs")
         entries = await asyncio.to_thread(state.fs.read_dir, path)
-        kinds = state.tracker.kinds
+        kinds = state.kinds
         rows = []
         for entry in entries:
             child = path.rstrip(b"/") + b"/" + entry.name
@@ -636,7 +633,7 @@ class _Api:
                     "kind": kind.value if kind is not None else None,
                 }
             )
-        return _json({"mount": state.config.name, **path_fields(path), "entries": rows})
+        return _json({"mount": state.name, **path_fields(path), "entries": rows})
 
     async def export(self, request: web.Request) -> web.StreamResponse:
         """A streamed tar: ``what=diff`` (an OCI layer of the change list) or ``rootfs``."""
@@ -654,7 +651,7 @@ class _Api:
 
         elif what == "rootfs":
             if not _has_merged_view(state):
-                _refuse(409, f"mount {state.config.name!r} has no merged view to export")
+                _refuse(409, f"mount {state.name!r} has no merged view to export")
 
             def write(out: io.BufferedWriter) -> object:
                 return export_rootfs(fs.mountpoint, out)
@@ -668,7 +665,7 @@ class _Api:
             first = await pipe.get()
             if first is None:
                 await worker  # nothing came: a failure is raised here, as a clean JSON error
-            filename = f"{state.config.name}-{what}.tar"
+            filename = f"{state.name}-{what}.tar"
             resp = web.StreamResponse(
                 headers={
                     "Content-Type": "application/x-tar",
@@ -688,9 +685,7 @@ class _Api:
             with contextlib.suppress(BaseException):
                 await worker
             if resp is not None and resp.prepared and request.transport is not None:
-                log.warning(
-                    "api_export_aborted", mount=state.config.name, what=what, error=repr(exc)
-                )
+                log.warning("api_export_aborted", mount=state.name, what=what, error=repr(exc))
                 request.transport.abort()  # the client must not take a short tar for a whole one
                 return resp
             raise
@@ -719,6 +714,6 @@ class _Api:
             return await self.events.websocket(request, since, mounts)
 
 
-def _has_merged_view(state: MountState) -> bool:
+def _has_merged_view(state: MountView) -> bool:
     """Whether the mount's merged view can be read (mounted at its mountpoint)."""
     return os.path.isdir(state.fs.mountpoint) and state.fs.is_mounted()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,9 +24,8 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from watcher.core.model import Control, Item, Transition
-from watcher.delivery.events import RESYNC, Record
-from watcher.service.service import Service
+from watcher.core.model import Item
+from watcher.http.view import ServiceView
 
 __all__ = ["EventStream", "Frame"]
 
@@ -69,7 +67,7 @@ class EventStream:
 
     def __init__(
         self,
-        service: Service,
+        service: ServiceView,
         *,
         batch: int,
         heartbeat: float,
@@ -114,7 +112,6 @@ class EventStream:
         await resp.prepare(request)
         await resp.write(b": layerwatch events\nretry: 1000\n\n")
         spool = self._service.spool
-        assert spool is not None
         try:
             async for frames in self.frames(since, mounts):
                 chunk = b"".join(frame.sse(spool.epoch) for frame in frames)
@@ -197,7 +194,6 @@ class EventStream:
             SpoolError: the spool closed under the stream.
         """
         spool = self._service.spool
-        assert spool is not None
         cursor = since
         if since < spool.first_seq - 1 or since > self._head:
             frames, cursor = self._snapshot(since, mounts)
@@ -234,8 +230,7 @@ class EventStream:
 
     @property
     def _head(self) -> int:
-        assert self._service.publisher is not None
-        return self._service.publisher.head_seq
+        return self._service.head_seq
 
     def _snapshot(self, since: int, mounts: frozenset[str] | None) -> tuple[list[Frame], int]:
         """A resync and a snapshot of each mount, consistent at the head, for a lost position.
@@ -248,32 +243,21 @@ class EventStream:
         reason is ``retention``: the position is not one this spool holds (older than its
         retention, beyond its head, or of another spool).
         """
-        publisher = self._service.publisher
-        assert publisher is not None
-        head = publisher.head_seq
+        service = self._service
+        head = service.head_seq
         items: list[tuple[str, Item]] = []
-        names = [n for n in self._service.mounts if mounts is None or n in mounts]
+        names = [n for n in service.mounts if mounts is None or n in mounts]
         for name in names:
-            tracker = self._service.mounts[name].tracker
-            items.append((name, Control(RESYNC, {"mount": name, "reason": "retention"})))
-            items += [(name, item) for item in tracker.snapshot_items("retention")]
+            items += [(name, item) for item in service.mounts[name].resync_items("retention")]
         self.snapshots += 1
         log.info("api_stream_snapshot", since=since, head=head, mounts=len(names))
-        assert self._service.spool is not None
-        stream = f"{self._service.config.stream}~snapshot@{head}:{self._service.spool.epoch}"
+        stream = f"{service.stream}~snapshot@{head}:{service.spool.epoch}"
         frames = []
         for i, (name, item) in enumerate(items, start=1):
-            body = orjson.loads(self._encode(head, name, item).body)
+            body = orjson.loads(service.encode(head, name, item).body)
             body["id"] = f"{stream}:{i}"
             frames.append(Frame(head if i == len(items) else None, orjson.dumps(body)))
         return frames, head
-
-    def _encode(self, seq: int, mount: str, item: Item) -> Record:
-        publisher = self._service.publisher
-        assert publisher is not None
-        if isinstance(item, Transition):
-            return publisher.encoder.change(seq, mount, item, now=time.time())
-        return publisher.encoder.control(seq, mount, item.type, item.data, now=time.time())
 
 
 async def _ws_drain(ws: web.WebSocketResponse) -> None:

@@ -228,7 +228,7 @@ class Tracker:
         self._root = (st.st_dev, st.st_ino)
         if persisted is not None:
             self.kinds = dict(persisted)
-            self._out.append(Control(RESYNC, {"mount": self.mount, "reason": "restart"}))
+            self._announce("restart")
             self._rescan()
             reason = "restart"
         else:
@@ -396,7 +396,7 @@ class Tracker:
     # -- internals -------------------------------------------------------------------------
 
     def _resync(self, reason: str) -> None:
-        self._out.append(Control(RESYNC, {"mount": self.mount, "reason": reason}))
+        self._announce(reason)
         self._rescan()
         self._snapshot(reason)
 
@@ -654,7 +654,13 @@ class Tracker:
             if before != after:
                 self._emit(path, after, before, Op.RESCAN, None)
 
-    def snapshot_items(self, reason: str) -> list[Item]:
-        """A snapshot of the current list (for a consumer that asks for one)."""
+    def resync_items(self, reason: str) -> list[Item]:
+        """A resync and a snapshot of the list as it is now, without rescanning (for a
+        consumer that lost its place)."""
+        self._announce(reason)
         self._snapshot(reason)
         return self.take()
+
+    def _announce(self, reason: str) -> None:
+        """The resync event: the one place it is made."""
+        self._out.append(Control(RESYNC, {"mount": self.mount, "reason": reason}))

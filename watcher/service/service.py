@@ -24,9 +24,9 @@ import structlog
 
 from watcher.core.errors import ConfigError, LayerwatchError, MountError, SpoolError
 from watcher.core.layers import LowerStack
-from watcher.core.model import Change
+from watcher.core.model import Change, Item, Kind
 from watcher.core.mounts import Driver, Filesystem, find_mount
-from watcher.delivery.events import GAP
+from watcher.delivery.events import GAP, Record
 from watcher.delivery.intake import Intake
 from watcher.delivery.plugins import load_sink
 from watcher.delivery.publisher import Publisher
@@ -103,7 +103,7 @@ class _Failure:
 
 @dataclass(slots=True)
 class MountState:
-    """One followed mount, as the API shows it."""
+    """One followed mount (a ``watcher.http.view.MountView``)."""
 
     config: MountConfig
     fs: Filesystem
@@ -111,24 +111,76 @@ class MountState:
     mounted_by_us: bool = False
     errors: list[str] = field(default_factory=list)
 
+    @property
+    def name(self) -> str:
+        """The mount's name."""
+        return self.config.name
+
+    @property
+    def managed(self) -> bool:
+        """Whether the service mounted it."""
+        return self.config.managed
+
+    @property
+    def kinds(self) -> Mapping[bytes, Kind]:
+        """The live change list."""
+        return self.tracker.kinds
+
+    @property
+    def watch_count(self) -> int:
+        """inotify watches held for it."""
+        return self.tracker.watch_count
+
+    @property
+    def degraded(self) -> str | None:
+        """Why it is not followed by inotify alone (None: it is)."""
+        return self.tracker.degraded
+
+    def changes(self) -> list[Change]:
+        """The change list, sorted by path."""
+        return self.tracker.changes()
+
+    def resync_items(self, reason: str) -> list[Item]:
+        """A resync and a snapshot of the list as it is now."""
+        return self.tracker.resync_items(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """The parts of a running service; made by ``Service.run``, never partly."""
+
+    spool: Spool
+    intake: Intake
+    publisher: Publisher
+    hub: Hub
+
+
+Component = Callable[["Service"], Awaitable[None]]
+"""A part the composition root adds to a service (the API): run under supervision once the
+service runs, cancelled at stop."""
+
 
 class Service:
     """The running service: what ``layerwatch run`` starts and the API reads.
 
+    It is a ``watcher.http.view.ServiceView``: the API reads it through that Protocol.
+
     Args:
         config: the parsed configuration.
+        components: parts the composition root adds (the API), by name: each runs under
+            supervision once the service runs.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, *, components: Mapping[str, Component] | None = None
+    ) -> None:
         self.config = config
         self.mounts: dict[str, MountState] = {}
         self.runners: dict[str, SinkRunner] = {}
         self.stop = asyncio.Event()
         self.started = asyncio.Event()
-        self.hub: Hub | None = None
-        self.spool: Spool | None = None
-        self.publisher: Publisher | None = None
-        self.intake: Intake | None = None
+        self._components = dict(components or {})
+        self._runtime: Runtime | None = None
         self.failures: dict[str, _Failure] = {}
         """Per component (``sink NAME``, ``mount NAME``, ``discovery``, ``api``, ...), its
         last unexpected failure; shown in health for a while after it."""
@@ -138,18 +190,108 @@ class Service:
         self._configured: set[bytes] = set()  # the upper dirs of the [[mounts]] entries
         self._discovered: dict[int, str] = {}  # kernel mount id -> the name it is followed as
 
-    # -- queries for the API ------------------------------------------------------------------
+    # -- the running parts --------------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        """The running parts.
+
+        Raises:
+            RuntimeError: the service is not running.
+        """
+        if self._runtime is None:
+            raise RuntimeError("the service is not running")
+        return self._runtime
+
+    @property
+    def spool(self) -> Spool:
+        """The durable log."""
+        return self.runtime.spool
+
+    @property
+    def intake(self) -> Intake:
+        """The group commit into the spool."""
+        return self.runtime.intake
+
+    @property
+    def publisher(self) -> Publisher:
+        """Numbers and encodes every event."""
+        return self.runtime.publisher
+
+    @property
+    def hub(self) -> Hub:
+        """The inotify instance and the trackers it feeds."""
+        return self.runtime.hub
+
+    # -- what the API reads (watcher.http.view.ServiceView) -----------------------------------
+
+    @property
+    def sinks(self) -> Mapping[str, SinkRunner]:
+        """The sink runners, by sink name."""
+        return self.runners
+
+    @property
+    def stream(self) -> str:
+        """The stream name in event ids."""
+        return self.config.stream
+
+    @property
+    def head_seq(self) -> int:
+        """The sequence number of the newest event published."""
+        return self.publisher.head_seq
+
+    @property
+    def published(self) -> int:
+        """Events published since the start."""
+        return self.publisher.published
+
+    @property
+    def resyncs(self) -> Mapping[str, int]:
+        """Resyncs published since the start, by reason."""
+        return self.publisher.resyncs
+
+    @property
+    def watches(self) -> int:
+        """inotify watches held for every mount."""
+        return self.hub.watch_count
+
+    @property
+    def events_read(self) -> int:
+        """inotify events read since the start."""
+        return self.hub.events_read
+
+    @property
+    def overflows(self) -> int:
+        """inotify queue overflows since the start."""
+        return self.hub.overflows
+
+    def encode(self, seq: int, mount: str, item: Item) -> Record:
+        """Encode ``item`` as ``mount``'s event at ``seq`` (synthesized snapshots)."""
+        return self.publisher.encode_one(seq, mount, item)
 
     def changes(self, mount: str) -> tuple[list[Change], int]:
         """A mount's change list and the sequence number it is consistent at."""
-        assert self.publisher is not None
-        return self.mounts[mount].tracker.changes(), self.publisher.head_seq
+        return self.mounts[mount].changes(), self.publisher.head_seq
 
     async def sync(self) -> None:
         """Pass the sync barrier: every change made before the call is published and durable."""
-        assert self.hub is not None
-        assert self.intake is not None
         await self.hub.sync()
+        await self.intake.flush()
+
+    async def reset(self, mount: str) -> None:
+        """Empty a managed mount's writable branch (unmount, clear, remount), then resync it:
+        a rescan (whatever the reset left) and a snapshot, reason ``reset``.
+
+        Raises:
+            MountError: the mount is attached, not managed, or the reset failed.
+        """
+        state = self.mounts[mount]
+        if not state.managed:
+            raise MountError(f"mount {mount!r} is attached, not managed; not resetting it")
+        log.info("mount_reset", mount=mount)
+        await asyncio.to_thread(state.fs.reset)
+        await self.sync()
+        await self.publisher.publish(mount, state.tracker.resync("reset"))
         await self.intake.flush()
 
     def reopen(self) -> None:
@@ -171,8 +313,8 @@ class Service:
             for name, state in self.mounts.items()
             if state.tracker.degraded
         ]
-        if self.intake is not None and self.intake.error:
-            reasons.append(f"spool: {self.intake.error}")
+        if self._runtime is not None and self._runtime.intake.error:
+            reasons.append(f"spool: {self._runtime.intake.error}")
         reasons += [
             f"sink {name}: {runner.health().detail}"
             for name, runner in self.runners.items()
@@ -209,9 +351,8 @@ class Service:
                     max_age=self.config.spool.max_age,
                 )
             )
-            self.spool = spool
-            intake = self.intake = Intake(spool)
-            publisher = self.publisher = Publisher(
+            intake = Intake(spool)
+            publisher = Publisher(
                 intake.put,
                 first_seq=spool.last_seq + 1,
                 stream=self.config.stream,
@@ -220,7 +361,7 @@ class Service:
             inotify = stack.enter_context(Inotify())
             hub = Hub(inotify, publisher.publish, rescan_interval=self.config.rescan_interval)
             stack.callback(hub.close)
-            self.hub = hub
+            self._runtime = Runtime(spool=spool, intake=intake, publisher=publisher, hub=hub)
             prepared = [(mount, *self._prepare_mount(mount, stack)) for mount in self.config.mounts]
             for sink in self.config.sinks:
                 self.runners[sink.name] = SinkRunner(
@@ -239,7 +380,12 @@ class Service:
                 ticker = group.create_task(
                     self._supervise("housekeeping", self._housekeeping), name="housekeeping"
                 )
-                api_task = self._start_api(group)
+                parts = [
+                    group.create_task(
+                        self._supervise(name, functools.partial(component, self)), name=name
+                    )
+                    for name, component in self._components.items()
+                ]
                 starts = [
                     group.create_task(
                         self._supervise(
@@ -269,9 +415,8 @@ class Service:
                         await hub.sync()
                 except TimeoutError:
                     log.warning("final_sync_timeout")
-                for task in (reader, ticker, api_task):
-                    if task is not None:
-                        task.cancel()
+                for task in (reader, ticker, *parts):
+                    task.cancel()
                 try:  # a failing spool must not hold the stop: both under the deadline
                     async with asyncio.timeout(self.config.shutdown_timeout):
                         await publisher.bookmark()
@@ -343,14 +488,6 @@ class Service:
                     return
                 await asyncio.sleep(delay)
 
-    def _start_api(self, group: asyncio.TaskGroup) -> asyncio.Task[None] | None:
-        if self.config.api is None:
-            return None
-        from watcher.http.api import serve  # the API pulls in aiohttp's server only when configured
-
-        work = functools.partial(serve, self, self.config.api)
-        return group.create_task(self._supervise("api", work), name="api")
-
     def _prepare_mount(
         self, mount: MountConfig, stack: contextlib.AsyncExitStack
     ) -> tuple[Filesystem, bool]:
@@ -399,7 +536,6 @@ class Service:
         A ``[[mounts]]`` entry that names only a mountpoint follows whatever overlay is
         mounted there: mounted again over a new upper, the new upper is followed.
         """
-        assert self.publisher is not None
         if labels:
             self.publisher.labels[mount.name] = dict(labels)
         lower = LowerStack(fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix)
@@ -430,7 +566,6 @@ class Service:
 
     async def _discover(self, discovery: DiscoveryConfig, hub: Hub, spool: Spool) -> None:
         """Follow overlay mounts as they appear in the mount table; release them as they go."""
-        assert self.publisher is not None
         source = MountSource(
             mountpoint_glob=discovery.mountpoint_glob,
             docker_root=discovery.docker_root,
@@ -474,8 +609,6 @@ class Service:
 
     async def _housekeeping(self) -> None:
         """Bookmarks and retention, on their own clock."""
-        assert self.spool is not None
-        assert self.publisher is not None
         self.failures.pop("housekeeping", None)
         last_bookmark = time.monotonic()
         while True:

@@ -46,7 +46,7 @@ from watcher.core.rules import compute
 
 __all__ = ["export_diff", "export_rootfs"]
 
-_log = structlog.get_logger()
+logger = structlog.get_logger("layerwatch.export")
 
 _CAPABILITY = b"security.capability"
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
@@ -99,7 +99,7 @@ def export_diff(
                 continue
             found = view.source(change.path)
             if found is None:
-                _log.warning("export_entry_vanished", path=change.path)
+                logger.warning("export_entry_vanished", path=change.path)
                 continue
             entry, in_upper = found
             with contextlib.closing(entry):
@@ -372,7 +372,7 @@ class _Writer:
         st = entry.st
         mode = st.st_mode
         if stat.S_ISSOCK(mode):
-            _log.info("export_socket_skipped", path=path)
+            logger.info("export_socket_skipped", path=path)
             return
         info = tarfile.TarInfo(_arcname(path))
         info.mode = stat.S_IMODE(mode)
@@ -442,7 +442,7 @@ class _Exact:
         want = self._left if n < 0 else min(n, self._left)
         data = self._f.read(want)
         if len(data) < want:
-            _log.warning("export_file_shrank", name=self._f.name)
+            logger.warning("export_file_shrank", name=self._f.name)
             data += b"\0" * (want - len(data))
         self._left -= len(data)
         return data

@@ -24,7 +24,7 @@ from watcher.delivery.spool import Spool
 
 __all__ = ["Intake"]
 
-log = structlog.get_logger("layerwatch.intake")
+logger = structlog.get_logger("layerwatch.intake")
 
 _RETRY_CAP: Final = 5.0
 
@@ -96,14 +96,14 @@ class Intake:
                 await self._spool.append(batch, lists=lists)
             except SpoolError as exc:
                 if self.error is None:
-                    log.error("intake_stopped", error=str(exc), pending=len(batch))
+                    logger.error("intake_stopped", error=str(exc), pending=len(batch))
                 self.error = str(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_CAP)
                 continue
             self.commits += 1
             if self.error is not None:
-                log.info("intake_resumed")
+                logger.info("intake_resumed")
                 self.error = None
             return
 

@@ -27,7 +27,7 @@ __all__ = ["GROUP", "MountNames", "Options", "available_sinks", "load_sink"]
 
 GROUP: Final = "layerwatch.sinks"
 
-_log = structlog.get_logger()
+logger = structlog.get_logger("layerwatch.plugins")
 
 _MISSING: Final = object()
 
@@ -72,7 +72,7 @@ def load_sink(name: str, type_: str, options: Mapping[str, object]) -> Sink:
     sink = factory(name, options)
     if not isinstance(sink, Sink):
         raise ConfigError(key, f"{entry.value!r} did not build a Sink (got {type(sink).__name__})")
-    _log.debug("sink_loaded", sink=name, type=type_, factory=entry.value)
+    logger.debug("sink_loaded", sink=name, type=type_, factory=entry.value)
     return sink
 
 

@@ -39,10 +39,12 @@ from watcher.core.errors import SinkRejected, SinkUnavailable, SpoolError
 from watcher.delivery.events import CHANGE, Record
 from watcher.delivery.sinks import Health, Sink
 
-__all__ = ["Filter", "Log", "RunnerConfig", "SinkRunner", "backoff_delay"]
+__all__ = ["EventLog", "Filter", "RunnerConfig", "SinkRunner", "backoff_delay"]
+
+logger = structlog.get_logger("layerwatch.runner")
 
 
-class Log(Protocol):
+class EventLog(Protocol):
     """The part of the durable log (``watcher.delivery.spool.Spool``) a runner uses.
 
     The runner calls ``read`` and ``ack`` from a worker thread (they may block on disk), so
@@ -186,7 +188,7 @@ class SinkRunner:
 
     Args:
         sink: the sink (not yet opened; the runner opens and closes it).
-        log: the durable log.
+        events: the durable log of events.
         config: batching and retry settings.
 
     Attributes:
@@ -196,20 +198,20 @@ class SinkRunner:
         retries: failed ``open`` and ``send`` attempts that were retried.
     """
 
-    def __init__(self, sink: Sink, log: Log, config: RunnerConfig | None = None) -> None:
+    def __init__(self, sink: Sink, events: EventLog, config: RunnerConfig | None = None) -> None:
         self.sink = sink
         self.config = config or RunnerConfig()
         self.delivered = 0
         self.dead_lettered = 0
         self.filtered = 0
         self.retries = 0
-        self._spool = log
-        self._cursor = log.cursor(sink.name)
+        self._events = events
+        self._cursor = events.cursor(sink.name)
         self._opened = False
         self._error = ""
         self._drain_target: int | None = None
         self._reopen = False
-        self._log = structlog.get_logger().bind(sink=sink.name)
+        self._logger = logger.bind(sink=sink.name)
         linger = self.config.linger
         if linger is None:
             linger = float(getattr(sink, "linger", 0.0))
@@ -223,7 +225,7 @@ class SinkRunner:
     @property
     def lag(self) -> int:
         """Records in the log this sink has not acknowledged yet."""
-        return max(0, self._spool.last_seq - self._cursor)
+        return max(0, self._events.last_seq - self._cursor)
 
     def health(self) -> Health:
         """The runner's view: not ok while open or send fail, else the sink's own health."""
@@ -250,12 +252,14 @@ class SinkRunner:
         try:
             await _race(asyncio.shield(pump), stop)
             if not pump.done():
-                self._log.info("sink_draining", cursor=self._cursor, target=self._spool.last_seq)
+                self._logger.info(
+                    "sink_draining", cursor=self._cursor, target=self._events.last_seq
+                )
                 try:
                     async with asyncio.timeout(self.config.drain_timeout):
                         await asyncio.shield(pump)
                 except TimeoutError:
-                    self._log.warning(
+                    self._logger.warning(
                         "sink_drain_timeout", timeout=self.config.drain_timeout, lag=self.lag
                     )
             if pump.done():
@@ -271,8 +275,8 @@ class SinkRunner:
         while True:
             if stop.is_set():
                 if self._drain_target is None:
-                    self._drain_target = self._spool.last_seq
-                if self._cursor >= min(self._drain_target, self._spool.last_seq):
+                    self._drain_target = self._events.last_seq
+                if self._cursor >= min(self._drain_target, self._events.last_seq):
                     return
             elif not await self._wait_for_records(stop):
                 continue  # stop was set: the loop re-checks as a drain
@@ -280,15 +284,15 @@ class SinkRunner:
                 self._reopen = False
                 await self._close()
                 await self._open()
-                self._log.info("sink_reopened")
+                self._logger.info("sink_reopened")
             records = await asyncio.to_thread(
-                self._spool.read, self._cursor, self.config.batch_size
+                self._events.read, self._cursor, self.config.batch_size
             )
             if not records:
                 # Nothing readable after the cursor although last_seq is ahead (retention
                 # moved first_seq past it): skip to just before the oldest held record.
-                skip_to = max(self._cursor, self._spool.first_seq - 1)
-                self._log.warning("sink_cursor_behind_log", cursor=self._cursor, skip_to=skip_to)
+                skip_to = max(self._cursor, self._events.first_seq - 1)
+                self._logger.warning("sink_cursor_behind_log", cursor=self._cursor, skip_to=skip_to)
                 if skip_to == self._cursor:
                     await asyncio.sleep(0.05)
                     continue
@@ -298,16 +302,16 @@ class SinkRunner:
 
     async def _wait_for_records(self, stop: asyncio.Event) -> bool:
         """Wait for a record after the cursor, then linger for a fuller batch; False on stop."""
-        if self._spool.last_seq <= self._cursor and not await _race(
-            self._spool.wait(self._cursor), stop
+        if self._events.last_seq <= self._cursor and not await _race(
+            self._events.wait(self._cursor), stop
         ):
             return False
         if self._linger > 0:
             deadline = time.monotonic() + self._linger
-            while self._spool.last_seq - self._cursor < self.config.batch_size:
+            while self._events.last_seq - self._cursor < self.config.batch_size:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not await _race(
-                    self._spool.wait(self._spool.last_seq), stop, remaining
+                    self._events.wait(self._events.last_seq), stop, remaining
                 ):
                     break
         return True
@@ -319,7 +323,7 @@ class SinkRunner:
                 await self.sink.open()
             except Exception as exc:
                 delay = self._retry_delay(attempt, exc)
-                self._log.warning(
+                self._logger.warning(
                     "sink_open_failed", attempt=attempt, delay=round(delay, 3), error=repr(exc)
                 )
                 attempt += 1
@@ -327,7 +331,7 @@ class SinkRunner:
                 continue
             self._opened = True
             self._error = ""
-            self._log.info("sink_opened", cursor=self._cursor, lag=self.lag)
+            self._logger.info("sink_opened", cursor=self._cursor, lag=self.lag)
             return
 
     async def _deliver(self, records: Sequence[Record]) -> None:
@@ -345,7 +349,7 @@ class SinkRunner:
                     await self._dead_letter(batch, exc)
                 except OSError as dl_exc:
                     self._error = f"dead-letter write failed: {dl_exc}"
-                    self._log.error("sink_dead_letter_failed", error=repr(dl_exc))
+                    self._logger.error("sink_dead_letter_failed", error=repr(dl_exc))
                     delay = backoff_delay(
                         attempt, self.config.backoff_base, self.config.backoff_cap
                     )
@@ -364,14 +368,14 @@ class SinkRunner:
                 }
                 if not isinstance(exc, SinkUnavailable):
                     details["exc_info"] = exc  # unexpected: keep the traceback
-                self._log.warning("sink_send_failed", **details)
+                self._logger.warning("sink_send_failed", **details)
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
             self.delivered += len(batch)
             self._error = ""
             if attempt:
-                self._log.info("sink_recovered", attempts=attempt + 1, first_seq=batch[0].seq)
+                self._logger.info("sink_recovered", attempts=attempt + 1, first_seq=batch[0].seq)
             break
         await self._acknowledge(last)
 
@@ -395,9 +399,9 @@ class SinkRunner:
         delay = 0.1
         while True:
             try:
-                await asyncio.to_thread(self._spool.ack, self.sink.name, seq)
+                await asyncio.to_thread(self._events.ack, self.sink.name, seq)
             except SpoolError as exc:
-                self._log.warning("sink_ack_failed", seq=seq, error=str(exc), delay=delay)
+                self._logger.warning("sink_ack_failed", seq=seq, error=str(exc), delay=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -408,10 +412,10 @@ class SinkRunner:
         ids = [r.id for r in batch]
         path = self.config.dead_letter
         if path is None:
-            self._log.error("sink_rejected_dropped", reason=str(exc), ids=ids)
+            self._logger.error("sink_rejected_dropped", reason=str(exc), ids=ids)
         else:
             await asyncio.to_thread(_append_dead_letters, path, self.sink.name, str(exc), batch)
-            self._log.error(
+            self._logger.error(
                 "sink_rejected_dead_lettered",
                 reason=str(exc),
                 path=str(path),
@@ -429,11 +433,11 @@ class SinkRunner:
             async with asyncio.timeout(self.config.close_timeout):
                 await self.sink.close()
         except TimeoutError:
-            self._log.warning("sink_close_timeout", timeout=self.config.close_timeout)
+            self._logger.warning("sink_close_timeout", timeout=self.config.close_timeout)
         except Exception as exc:
-            self._log.warning("sink_close_failed", error=repr(exc))
+            self._logger.warning("sink_close_failed", error=repr(exc))
         else:
-            self._log.info("sink_closed", cursor=self._cursor, lag=self.lag)
+            self._logger.info("sink_closed", cursor=self._cursor, lag=self.lag)
 
 
 def _append_dead_letters(path: Path, sink: str, reason: str, batch: Sequence[Record]) -> None:

@@ -67,6 +67,8 @@ from watcher.delivery.events import Record
 
 __all__ = ["Pruned", "Spool", "SpoolStats"]
 
+logger = structlog.get_logger("layerwatch.spool")
+
 _APPLICATION_ID: Final = 0x4C575350  # "LWSP": tells a spool from any other SQLite file
 _SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = f"""
@@ -154,7 +156,7 @@ class Spool:
         self._path = Path(path)
         self._max_bytes = max_bytes
         self._max_age = max_age
-        self._log = structlog.get_logger().bind(spool=str(self._path))
+        self._logger = logger.bind(spool=str(self._path))
         self._write_lock = threading.Lock()  # guards the writer connection and the counters
         self._read_lock = threading.Lock()
         self._waiters: set[asyncio.Future[None]] = set()
@@ -179,7 +181,7 @@ class Spool:
         self._bytes: int = nbytes
         self._first_seq: int = last_seq + 1 if first is None else first
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self._log.info(
+        self._logger.info(
             "spool_opened", epoch=self._epoch, first_seq=self._first_seq, last_seq=self._last_seq
         )
 
@@ -368,7 +370,7 @@ class Spool:
                             (records[-1].seq, nbytes),
                         )
             except SpoolError as exc:
-                self._log.error("spool_append_failed", records=len(records), error=str(exc))
+                self._logger.error("spool_append_failed", records=len(records), error=str(exc))
                 raise
             if records:
                 self._bytes += nbytes
@@ -530,7 +532,7 @@ class Spool:
         # Committed (the transaction block above raised otherwise).
         self._first_seq = last_dropped + 1
         self._bytes -= dropped_bytes
-        self._log.info(
+        self._logger.info(
             "spool_pruned",
             first_dropped=first_dropped,
             last_dropped=last_dropped,
@@ -570,7 +572,7 @@ class Spool:
         self._executor.shutdown(wait=True)
         self._close_all()
         self._notify()
-        self._log.info("spool_closed", last_seq=self._last_seq)
+        self._logger.info("spool_closed", last_seq=self._last_seq)
 
     def _close_all(self) -> None:
         # The reader first: the last connection to close checkpoints the WAL.

@@ -46,7 +46,7 @@ from watcher.service.config import ApiConfig
 
 __all__ = ["COOKIE", "Limits", "build_app", "parse_listen", "serve"]
 
-log = structlog.get_logger("layerwatch.api")
+logger = structlog.get_logger("layerwatch.api")
 
 COOKIE: Final = "layerwatch_session"
 """The page's session cookie on TCP (HttpOnly, SameSite=Strict), set by ``GET /?token=``."""
@@ -177,7 +177,7 @@ async def serve(service: ServiceView, config: ApiConfig, *, limits: Limits | Non
             runner = await _start(api, None)
             runners.append(runner)
             await web.SockSite(runner, sock).start()
-            log.info("api_listening", socket=str(socket_path))
+            logger.info("api_listening", socket=str(socket_path))
         if config.listen is not None and config.token:
             runner = await _start(api, config.token)
             runners.append(runner)
@@ -185,7 +185,7 @@ async def serve(service: ServiceView, config: ApiConfig, *, limits: Limits | Non
                 await web.TCPSite(runner, host, port).start()
             except OSError as exc:
                 raise ConfigError("api.listen", f"cannot listen on {config.listen}: {exc}") from exc
-            log.info("api_listening", listen=config.listen)
+            logger.info("api_listening", listen=config.listen)
         await asyncio.Event().wait()
     finally:
         for runner in reversed(runners):
@@ -193,7 +193,7 @@ async def serve(service: ServiceView, config: ApiConfig, *, limits: Limits | Non
         if socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 socket_path.unlink()
-        log.info("api_stopped")
+        logger.info("api_stopped")
 
 
 async def _start(api: _Api, token: str | None) -> web.AppRunner:
@@ -223,7 +223,7 @@ class _ProtocolLog(logging.Logger):
         exc = kwargs.get("exc_info")
         text = str(getattr(exc, "message", None) or exc).strip()
         error = text.splitlines()[0][:200] if isinstance(exc, BaseException) and text else ""
-        log.warning("api_bad_request", error=error, type=type(exc).__name__)
+        logger.warning("api_bad_request", error=error, type=type(exc).__name__)
 
     def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
         """Dropped: aiohttp's debug chatter (non-HTTP traffic on the port)."""
@@ -290,7 +290,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (ConnectionError, asyncio.CancelledError):
         raise
     except Exception:
-        log.exception("api_request_failed", method=request.method, path=request.path)
+        logger.exception("api_request_failed", method=request.method, path=request.path)
         return _error(500, "internal error; the service log has the details")
 
 
@@ -566,7 +566,7 @@ class _Api:
         if not state.managed:
             _refuse(409, f"mount {state.name!r} is attached, not managed; not resetting it")
         name = state.name
-        log.info("api_reset", mount=name)
+        logger.info("api_reset", mount=name)
         await self.service.reset(name)
         changes, seq = state.changes(), self.service.head_seq
         return _json({"mount": name, "seq": seq, "entries": len(changes)})
@@ -685,7 +685,7 @@ class _Api:
             with contextlib.suppress(BaseException):
                 await worker
             if resp is not None and resp.prepared and request.transport is not None:
-                log.warning("api_export_aborted", mount=state.name, what=what, error=repr(exc))
+                logger.warning("api_export_aborted", mount=state.name, what=what, error=repr(exc))
                 request.transport.abort()  # the client must not take a short tar for a whole one
                 return resp
             raise

@@ -29,7 +29,7 @@ from watcher.http.view import ServiceView
 
 __all__ = ["EventStream", "Frame"]
 
-log = structlog.get_logger("layerwatch.api")
+logger = structlog.get_logger("layerwatch.streams")
 
 
 @dataclass(slots=True)
@@ -173,7 +173,7 @@ class EventStream:
             f"slow consumer: took no data for {self._write_timeout:g} s; "
             "reconnect with your last event id to resume"
         )
-        log.warning("api_stream_dropped", stream=kind, reason="slow_consumer", since=since)
+        logger.warning("api_stream_dropped", stream=kind, reason="slow_consumer", since=since)
         return reason
 
     # -- frames ---------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class EventStream:
         for name in names:
             items += [(name, item) for item in service.mounts[name].resync_items("retention")]
         self.snapshots += 1
-        log.info("api_stream_snapshot", since=since, head=head, mounts=len(names))
+        logger.info("api_stream_snapshot", since=since, head=head, mounts=len(names))
         stream = f"{service.stream}~snapshot@{head}:{service.spool.epoch}"
         frames = []
         for i, (name, item) in enumerate(items, start=1):

@@ -39,7 +39,7 @@ from watcher.core.mounts import MountInfo, read_mountinfo
 
 __all__ = ["Discovered", "MountChange", "MountEvent", "MountSource"]
 
-_log = structlog.get_logger()
+logger = structlog.get_logger("layerwatch.discovery")
 
 _CONTAINERD_TASKS = b"io.containerd.runtime.v2.task"
 _K8S_ANNOTATIONS = {
@@ -166,7 +166,7 @@ class MountSource:
         ]
         self._known = now
         for change in changes:
-            _log.info(
+            logger.info(
                 "mount_discovery",
                 change=change.event.value,
                 mountpoint=change.mount.mountpoint,
@@ -302,6 +302,6 @@ def _read_json(path: bytes) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        _log.warning("discovery_bad_json", path=path, error=str(exc))
+        logger.warning("discovery_bad_json", path=path, error=str(exc))
         return {}
     return value if isinstance(value, dict) else {}

@@ -53,7 +53,7 @@ from watcher.live.tracker import Tracker, WatchOps
 
 __all__ = ["Hub", "Publish", "StartAbandoned"]
 
-log = structlog.get_logger("layerwatch.hub")
+logger = structlog.get_logger("layerwatch.hub")
 
 Publish = Callable[[str, list[Item]], Awaitable[None]]
 """Receives each mount's items (by mount name), in order; the hub waits for it before reading
@@ -286,7 +286,7 @@ class Hub(WatchOps):
         except Exception as exc:
             tracker.take()  # half-made items: the resync replaces them
             tracker.degraded = f"error: {exc}"
-            log.exception("tracker_failed", mount=tracker.mount, error=str(exc))
+            logger.exception("tracker_failed", mount=tracker.mount, error=str(exc))
             return []
 
     async def process(self, events: list[RawEvent]) -> None:
@@ -326,7 +326,7 @@ class Hub(WatchOps):
             self.overflows += 1
             for starting in self._starting.values():
                 starting.overflow = True
-            log.warning("inotify_overflow", mounts=len(self.trackers))
+            logger.warning("inotify_overflow", mounts=len(self.trackers))
             # A full queue drops events, sync cookies included: every sync() waiting now
             # began before this rescan, so the rescan covers it.
             cookies.extend(self._cookies)

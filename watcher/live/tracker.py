@@ -39,7 +39,7 @@ from watcher.core.rules import DirState, Rules
 
 __all__ = ["Branch", "Resolver", "Tracker", "WatchOps"]
 
-log = structlog.get_logger("layerwatch.tracker")
+logger = structlog.get_logger("layerwatch.tracker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +197,7 @@ class Tracker:
         self.interrupt: Callable[[], None] | None = None
         """Called once per directory a scan lists; may raise to abandon the scan (a stop
         during a long start). The tracker is then unusable: close it."""
-        self._log = log.bind(mount=mount)
+        self._logger = logger.bind(mount=mount)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -363,10 +363,10 @@ class Tracker:
         self.degraded = None  # whatever it was, the branch is scanned from scratch below
         if came_back:
             self._rescan()
-            self._log.info("branch_recovered", upper=os.fsdecode(upper))
+            self._logger.info("branch_recovered", upper=os.fsdecode(upper))
         else:
             self._resync(BRANCH_REPLACED)
-            self._log.warning(
+            self._logger.warning(
                 "branch_replaced",
                 old_upper=os.fsdecode(old),
                 upper=os.fsdecode(upper),
@@ -389,7 +389,7 @@ class Tracker:
         if self.degraded_by_error:
             items = self.resync("error")
             self.degraded = None
-            self._log.info("tracker_recovered")
+            self._logger.info("tracker_recovered")
             return items
         return self.rescan()
 
@@ -426,7 +426,7 @@ class Tracker:
             self._gone = (self.upper, self.rules.lower, self._root[0], self._root[1])
             self._leave()
         self.degraded = f"{BRANCH_MISSING}: {why}"
-        self._log.warning(BRANCH_MISSING, upper=os.fsdecode(self.upper), reason=why)
+        self._logger.warning(BRANCH_MISSING, upper=os.fsdecode(self.upper), reason=why)
 
     def _leave(self) -> None:
         """Stop following the current branch: every watch and every known directory go."""
@@ -512,7 +512,7 @@ class Tracker:
             self._unwatched.add(directory)
             if self.degraded is None:
                 self.degraded = "watch_limit"
-                self._log.error("watch_limit_reached", path=directory, error=str(exc))
+                self._logger.error("watch_limit_reached", path=directory, error=str(exc))
             return
         except WatchError:
             return  # vanished between listing and watching: the parent's hint covers it
@@ -635,7 +635,7 @@ class Tracker:
         self._unwatched.intersection_update(dirs)  # gone while unwatched: nothing to watch
         if not self._unwatched and self.degraded == "watch_limit":
             self.degraded = None
-            self._log.info("watch_limit_recovered")
+            self._logger.info("watch_limit_recovered")
         # Rebuild the derived list from scratch and emit the differences.
         old_kinds = self.kinds
         self._own = own

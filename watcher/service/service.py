@@ -41,7 +41,7 @@ from watcher.service.watch import install_stop_signals
 
 __all__ = ["MountState", "Service", "discovered_name", "filesystem_for"]
 
-log = structlog.get_logger("layerwatch.service")
+logger = structlog.get_logger("layerwatch.service")
 
 
 def filesystem_for(mount: MountConfig) -> Filesystem:
@@ -288,7 +288,7 @@ class Service:
         state = self.mounts[mount]
         if not state.managed:
             raise MountError(f"mount {mount!r} is attached, not managed; not resetting it")
-        log.info("mount_reset", mount=mount)
+        logger.info("mount_reset", mount=mount)
         await asyncio.to_thread(state.fs.reset)
         await self.sync()
         await self.publisher.publish(mount, state.tracker.resync("reset"))
@@ -296,7 +296,7 @@ class Service:
 
     def reopen(self) -> None:
         """SIGHUP: every sink closes and opens again before its next batch (log rotation)."""
-        log.info("reopen_requested", sinks=len(self.runners))
+        logger.info("reopen_requested", sinks=len(self.runners))
         for runner in self.runners.values():
             runner.reopen()
 
@@ -405,7 +405,7 @@ class Service:
                         group.create_task(self._supervise("discovery", work), name="discovery")
                     )
                 await self.stop.wait()
-                log.info("service_stopping", starting=sorted(self._starting))
+                logger.info("service_stopping", starting=sorted(self._starting))
                 for start in starts:  # a scan in progress is abandoned at its next directory
                     start.cancel()
                 if starts:
@@ -414,7 +414,7 @@ class Service:
                     async with asyncio.timeout(self.config.shutdown_timeout):
                         await hub.sync()
                 except TimeoutError:
-                    log.warning("final_sync_timeout")
+                    logger.warning("final_sync_timeout")
                 for task in (reader, ticker, *parts):
                     task.cancel()
                 try:  # a failing spool must not hold the stop: both under the deadline
@@ -422,11 +422,11 @@ class Service:
                         await publisher.bookmark()
                         await intake.flush()
                 except TimeoutError:
-                    log.error("intake_flush_timeout", pending=intake.pending, error=intake.error)
+                    logger.error("intake_flush_timeout", pending=intake.pending, error=intake.error)
                 lost = intake.pending
                 writer.cancel()
                 sink_stop.set()
-            log.info("service_stopped", head_seq=publisher.head_seq)
+            logger.info("service_stopped", head_seq=publisher.head_seq)
         if lost:
             raise SpoolError(
                 f"spool {self.config.spool.path}: {lost} events were published but could not be "
@@ -446,7 +446,7 @@ class Service:
     def _announce_started(self) -> None:
         """Once every configured mount had its first start: ``service_started``."""
         if not self._starting and not self.started.is_set() and not self.stop.is_set():
-            log.info("service_started", mounts=len(self.mounts), sinks=len(self.runners))
+            logger.info("service_started", mounts=len(self.mounts), sinks=len(self.runners))
             self.started.set()
 
     async def _supervise(
@@ -477,7 +477,7 @@ class Service:
                 attempt += 1
                 self.failures[component] = _Failure(time.monotonic(), repr(exc))
                 self.restarts[component] = self.restarts.get(component, 0) + 1
-                log.error(
+                logger.error(
                     "component_failed",
                     component=component,
                     error=repr(exc),
@@ -501,7 +501,7 @@ class Service:
             return fs, False
         info = find_mount(fs.mountpoint)
         if info is not None and info.fstype == "overlay" and info.overlay_dirs()[0] == fs.rw:
-            log.info("mount_adopted", mount=mount.name)  # left by a run that was killed
+            logger.info("mount_adopted", mount=mount.name)  # left by a run that was killed
         elif info is not None:
             raise MountError(
                 f"mounts: {mount.name}: {os.fsdecode(fs.mountpoint)} already has a "
@@ -519,7 +519,7 @@ class Service:
         try:
             await asyncio.to_thread(fs.umount)
         except MountError as exc:
-            log.error("umount_failed", mount=name, error=str(exc))
+            logger.error("umount_failed", mount=name, error=str(exc))
 
     async def _follow(
         self,
@@ -549,7 +549,7 @@ class Service:
         await hub.follow(tracker, persisted)
         fs = resolve.fs if resolve is not None else fs  # mounted again while starting
         self.mounts[mount.name] = MountState(mount, fs, tracker, mounted_by_us)
-        log.info(
+        logger.info(
             "mount_followed",
             mount=mount.name,
             entries=len(tracker.kinds),
@@ -584,7 +584,7 @@ class Service:
                         del self.mounts[name]
                         self.publisher.labels.pop(name, None)
                         await asyncio.to_thread(spool.drop_list, name)
-                        log.info("mount_released", mount=name, **found.labels)
+                        logger.info("mount_released", mount=name, **found.labels)
                     continue
                 upper = _branch_key(found.upper)
                 if upper in self._configured or any(
@@ -599,7 +599,7 @@ class Service:
                     fs = Filesystem(found.lowers, found.upper, found.mountpoint, work=found.work)
                     await self._follow(mount, fs, hub, spool, labels=found.labels)
                 except (OSError, LayerwatchError) as exc:  # gone again before we looked, ...
-                    log.warning(
+                    logger.warning(
                         "mount_follow_failed",
                         mountpoint=os.fsdecode(found.mountpoint),
                         error=str(exc),
@@ -615,7 +615,7 @@ class Service:
             await asyncio.sleep(min(5.0, self.config.bookmark_interval))
             pruned = await asyncio.to_thread(self.spool.prune, time.time())
             if pruned is not None:
-                log.warning(
+                logger.warning(
                     "spool_gap",
                     first=pruned.first_dropped,
                     last=pruned.last_dropped,

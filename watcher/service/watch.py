@@ -26,7 +26,7 @@ from watcher.live.tracker import Tracker
 
 __all__ = ["StreamOutlet", "install_stop_signals", "watch"]
 
-log = structlog.get_logger("layerwatch.watch")
+logger = structlog.get_logger("layerwatch.watch")
 
 
 class StreamOutlet:
@@ -49,9 +49,9 @@ def install_stop_signals(stop: asyncio.Event) -> Callable[[], None]:
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            log.warning("second_signal_exit", signal=signal.Signals(signum).name)
+            logger.warning("second_signal_exit", signal=signal.Signals(signum).name)
             os._exit(128 + signum)
-        log.info("stop_requested", signal=signal.Signals(signum).name)
+        logger.info("stop_requested", signal=signal.Signals(signum).name)
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -130,7 +130,7 @@ def make_records(
 
 
 class MemoryLog:
-    """An in-memory log satisfying ``watcher.delivery.runner.Log``; not durable.
+    """An in-memory log satisfying ``watcher.delivery.runner.EventLog``; not durable.
 
     Args:
         records: initial records (ascending ``seq``).

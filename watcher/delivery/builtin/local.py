@@ -27,6 +27,8 @@ from watcher.delivery.sinks import Health
 
 __all__ = ["ExecSink", "JsonlSink", "StdoutSink"]
 
+logger = structlog.get_logger("layerwatch.sinks")
+
 _OUTPUT_LOG_LIMIT = 4096
 
 
@@ -54,7 +56,7 @@ class StdoutSink:
         self.name = name
         self._stream: BinaryIO | None = None
         self._broken = ""
-        self._log = structlog.get_logger().bind(sink=name)
+        self._logger = logger.bind(sink=name)
 
     async def open(self) -> None:
         """Take the process's standard output (as it is now, so tests can replace it)."""
@@ -69,7 +71,7 @@ class StdoutSink:
             await asyncio.to_thread(self._write, stream, _lines(batch))
         except BrokenPipeError as exc:
             self._broken = "stdout is closed (broken pipe)"
-            self._log.error("stdout_closed", error=str(exc))
+            self._logger.error("stdout_closed", error=str(exc))
             raise SinkRejected(self._broken) from exc
         except OSError as exc:
             raise SinkUnavailable(f"stdout write failed: {exc}") from exc
@@ -135,7 +137,7 @@ class JsonlSink:
         self._error = ""
         self._io = asyncio.Lock()
         self._syncer: asyncio.Task[None] | None = None
-        self._log = structlog.get_logger().bind(sink=name)
+        self._logger = logger.bind(sink=name)
 
     async def open(self) -> None:
         """Open (or create) the file for appending, after repairing a torn last line."""
@@ -178,7 +180,7 @@ class JsonlSink:
                 break
         os.ftruncate(fd, keep)
         os.fsync(fd)
-        self._log.warning("jsonl_torn_line_truncated", path=str(self.path), dropped=size - keep)
+        self._logger.warning("jsonl_torn_line_truncated", path=str(self.path), dropped=size - keep)
         return keep
 
     async def send(self, batch: Sequence[Record]) -> None:
@@ -215,7 +217,7 @@ class JsonlSink:
                 os.fsync(self._fd)
         self._dirty = False
         self._open()
-        self._log.warning("jsonl_reopened", path=str(self.path), reason=reason)
+        self._logger.warning("jsonl_reopened", path=str(self.path), reason=reason)
         if self.fsync != "never":
             self._sync_dir()
         return True
@@ -267,7 +269,7 @@ class JsonlSink:
         self._ident, self._size = (st.st_dev, st.st_ino), 0
         if self.fsync != "never":
             self._sync_dir()
-        self._log.info("jsonl_rotated", path=base, keep=self.keep)
+        self._logger.info("jsonl_rotated", path=base, keep=self.keep)
 
     def _sync_dir(self) -> None:
         """Fsync the file's directory, so its new entry survives a crash."""
@@ -289,7 +291,7 @@ class JsonlSink:
                     await asyncio.to_thread(os.fsync, self._fd)
                 except OSError as exc:
                     self._error = f"fsync of {self.path} failed: {exc}"
-                    self._log.error("jsonl_fsync_failed", path=str(self.path), error=str(exc))
+                    self._logger.error("jsonl_fsync_failed", path=str(self.path), error=str(exc))
                 else:
                     self._dirty = False
 
@@ -391,7 +393,7 @@ class ExecSink:
         self.name = name
         self._error = ""
         self._running: set[asyncio.SubprocessTransport] = set()
-        self._log = structlog.get_logger().bind(sink=name)
+        self._logger = logger.bind(sink=name)
 
     async def open(self) -> None:
         """Nothing to open: each batch starts the command anew."""
@@ -440,9 +442,9 @@ class ExecSink:
             "stderr": run.output[2].decode("utf-8", "replace"),
         }
         if status != 0:
-            self._log.warning("exec_failed", **details)
+            self._logger.warning("exec_failed", **details)
             raise SinkUnavailable(f"{self.command[0]!r} exited with status {status}")
-        self._log.debug("exec_done", **details)
+        self._logger.debug("exec_done", **details)
 
     async def _wait(self, transport: asyncio.SubprocessTransport, run: _CommandRun) -> None:
         """Wait for the command to exit; at the timeout, terminate its group and raise."""
@@ -451,7 +453,7 @@ class ExecSink:
                 await asyncio.shield(run.exited)
         except TimeoutError:
             pid = transport.get_pid()
-            self._log.warning(
+            self._logger.warning(
                 "exec_timeout", command=self.command[0], timeout=self.timeout, pid=pid
             )
             if _signal_group(pid, signal.SIGTERM):
@@ -460,7 +462,7 @@ class ExecSink:
                 f"{self.command[0]!r} did not finish within {self.timeout}s; killed"
             ) from None
         if _signal_group(transport.get_pid(), signal.SIGKILL):
-            self._log.warning(
+            self._logger.warning(
                 "exec_leftovers_killed",
                 command=self.command[0],
                 pid=transport.get_pid(),
@@ -477,7 +479,7 @@ class ExecSink:
             _signal_group(transport.get_pid(), signal.SIGKILL)
             await asyncio.wait({run.exited, run.drained}, timeout=self.EXIT_WAIT)
             if not run.drained.done():
-                self._log.warning(
+                self._logger.warning(
                     "exec_output_held_open",
                     command=self.command[0],
                     pid=transport.get_pid(),

@@ -40,6 +40,8 @@ from watcher.delivery.sinks import Health
 
 __all__ = ["CONTENT_TYPE", "WebhookSink", "parse_retry_after", "parse_secret", "sign"]
 
+logger = structlog.get_logger("layerwatch.webhook")
+
 CONTENT_TYPE: Final = "application/cloudevents-batch+json"
 _RESERVED: Final = frozenset(
     {"content-type", "content-length", "webhook-id", "webhook-timestamp", "webhook-signature"}
@@ -129,7 +131,7 @@ class WebhookSink:
         self.name = name
         self._session: aiohttp.ClientSession | None = None
         self._error = ""
-        self._log = structlog.get_logger().bind(sink=name)
+        self._logger = logger.bind(sink=name)
 
     async def open(self) -> None:
         """Create the HTTP client session (connections are made per request, and reused)."""
@@ -172,7 +174,7 @@ class WebhookSink:
             return
         problem = f"POST {self._shown} answered {status}"
         self._error = problem
-        self._log.warning(
+        self._logger.warning(
             "webhook_refused",
             status=status,
             webhook_id=msg_id,

@@ -8,6 +8,11 @@ already holds, so a retried batch may leave duplicates (and, after a failed batc
 land after later records): consumers dedupe by event ``id`` and order by ``sequence``.
 ``enable_idempotence`` only removes the duplicates of the producer's own internal retries.
 
+The sink builds the record batches itself (``create_batch``/``send_batch``): each record goes
+to the partition ``producer.send`` would pick for its key, in batch order, into record batches
+of up to ``max_batch_size`` bytes, one delivery report per record batch instead of a future
+per record. A batch of the runner is then one produce request, or a few.
+
 Events follow the CloudEvents Kafka protocol binding: in ``structured`` mode (the default)
 the value is the whole event and the header ``content-type`` is
 ``application/cloudevents+json``; in ``binary`` mode the value is ``data`` (JSON), the
@@ -20,8 +25,10 @@ Options (``[sinks.NAME]`` with ``type = "kafka"``):
 - ``mode``: ``structured`` or ``binary`` (default ``structured``).
 - ``enable_idempotence``: the idempotent producer (default false; needs broker support).
 - ``request_timeout_ms``: how long the producer waits for a broker (default 30000).
-- ``linger_ms``: how long the producer gathers records into one request (default 0: the
-  runner already hands over whole batches).
+- ``linger_ms``: how long the producer holds a record batch before sending it (default 0:
+  the runner already hands over whole batches).
+- ``max_batch_size``: the most bytes of records in one record batch (default 524288); keep
+  it under the broker's and the topic's ``max.message.bytes`` (1 MiB by default).
 - ``client_id``: default ``layerwatch-NAME``.
 """
 
@@ -35,6 +42,10 @@ import aiokafka  # type: ignore[import-untyped]
 import aiokafka.errors  # type: ignore[import-untyped]
 import orjson
 import structlog
+from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
+from aiokafka.record.default_records import (  # type: ignore[import-untyped]
+    DefaultRecordBatchBuilder,
+)
 
 from watcher.core.errors import SinkRejected, SinkUnavailable
 from watcher.delivery.events import Record
@@ -46,6 +57,14 @@ __all__ = ["KafkaSink", "binary_message"]
 _log = structlog.get_logger()
 
 STRUCTURED_CONTENT_TYPE: Final = b"application/cloudevents+json"
+
+_STRUCTURED_HEADERS: Final = [("content-type", STRUCTURED_CONTENT_TYPE)]
+
+_MAX_REQUEST_SIZE: Final = 1024 * 1024
+"""The largest record the sink hands over (aiokafka's ``max_request_size``, its default)."""
+
+_PARTITIONER: Final = DefaultPartitioner()
+"""Key -> partition, as ``producer.send`` picks it: murmur2 of the key over the partitions."""
 
 _PERMANENT: Final = (
     aiokafka.errors.MessageSizeTooLargeError,
@@ -92,9 +111,13 @@ class KafkaSink:
         self._binary = opts.choice("mode", ("structured", "binary"), "structured") == "binary"
         self._request_timeout_ms = opts.integer("request_timeout_ms", 30000, minimum=1)
         self._linger_ms = opts.integer("linger_ms", 0, minimum=0)
+        self.max_batch_size = opts.integer("max_batch_size", 512 * 1024, minimum=1024)
+        """The most bytes of records in one record batch (aiokafka's ``max_batch_size``)."""
         self._client_id = opts.string("client_id", f"layerwatch-{name}")
         opts.finish()
         self._producer: Any = None
+        self._partitions: list[int] = []
+        self._partition_of: dict[bytes, int] = {}
         self._health = Health(ok=True)
         self._log = _log.bind(sink=name, topic=self._topic)
 
@@ -104,7 +127,7 @@ class KafkaSink:
         if self._binary:
             value, headers = binary_message(record.body)
             return key, value, headers
-        return key, record.body, [("content-type", STRUCTURED_CONTENT_TYPE)]
+        return key, record.body, _STRUCTURED_HEADERS
 
     async def open(self) -> None:
         """Start the producer (fetches the cluster's metadata).
@@ -119,6 +142,9 @@ class KafkaSink:
             enable_idempotence=self._idempotence,
             request_timeout_ms=self._request_timeout_ms,
             linger_ms=self._linger_ms,
+            max_batch_size=self.max_batch_size,
+            max_request_size=_MAX_REQUEST_SIZE,
+            partitioner=_PARTITIONER,
         )
         try:
             await producer.start()
@@ -139,13 +165,11 @@ class KafkaSink:
         """
         if self._producer is None:
             raise SinkUnavailable("kafka: not open")
+        if not batch:
+            return
         futures: list[asyncio.Future[Any]] = []
         try:
-            for record in batch:
-                key, value, headers = self.message(record)
-                futures.append(
-                    await self._producer.send(self._topic, value, key=key, headers=headers)
-                )
+            await self._produce(self._producer, batch, futures)
             results = await asyncio.gather(*futures, return_exceptions=True)
         except _PERMANENT as exc:
             self._health = Health(ok=False, detail=repr(exc))
@@ -161,11 +185,51 @@ class KafkaSink:
         if errors:
             first = errors[0]
             self._health = Health(ok=False, detail=repr(first))
-            message = f"kafka: {len(errors)} of {len(batch)} records failed: {first!r}"
+            message = f"kafka: {len(errors)} of {len(futures)} record batches failed: {first!r}"
             if all(isinstance(error, _PERMANENT) for error in errors):
                 raise SinkRejected(message) from first
             raise SinkUnavailable(message) from first
         self._health = Health(ok=True)
+
+    async def _produce(
+        self, producer: Any, batch: Sequence[Record], futures: list[asyncio.Future[Any]]
+    ) -> None:
+        """Hand ``batch`` to the producer as record batches, one or more per partition.
+
+        Each record goes to the partition the producer's default partitioner picks for its key
+        (murmur2 of the mount, as ``producer.send`` does), appended in batch order to that
+        partition's builder; a full builder is handed over and the next one started, so each
+        partition's records stay in order. A delivery future per record batch goes into
+        ``futures``.
+
+        Raises:
+            aiokafka.errors.MessageSizeTooLargeError: a record is over ``max_request_size``
+                (checked before anything of the batch is handed over, as ``send`` does).
+        """
+        messages = [self.message(record) for record in batch]
+        estimate = DefaultRecordBatchBuilder.estimate_size_in_bytes
+        for key, value, headers in messages:
+            if (size := estimate(key, value, headers)) > _MAX_REQUEST_SIZE:
+                raise aiokafka.errors.MessageSizeTooLargeError(
+                    f"a record of {size} bytes is over max_request_size {_MAX_REQUEST_SIZE}"
+                )
+        partitions = sorted(await producer.partitions_for(self._topic))
+        if partitions != self._partitions:
+            self._partitions, self._partition_of = partitions, {}
+        builders: dict[int, Any] = {}
+        for key, value, headers in messages:
+            partition = self._partition_of.get(key)
+            if partition is None:
+                partition = self._partition_of[key] = _PARTITIONER(key, partitions, partitions)
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                futures.append(await producer.send_batch(builder, self._topic, partition=partition))
+                builder = builders[partition] = producer.create_batch()
+                builder.append(key=key, value=value, timestamp=None, headers=headers)  # fits
+        for partition, builder in builders.items():
+            futures.append(await producer.send_batch(builder, self._topic, partition=partition))
 
     def health(self) -> Health:
         """The outcome of the last start or batch."""

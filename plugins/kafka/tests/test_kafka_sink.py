@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 from kafkakit import EXTERNAL, Broker, Consumed, event_ids, read_topic
 from layerwatch_kafka import KafkaSink
 
 from watcher import testing
+from watcher.core.errors import SinkRejected
 from watcher.delivery.events import Record
 
 
@@ -57,6 +60,46 @@ async def test_binary_mode_puts_attributes_in_ce_headers(broker: Broker) -> None
         )
 
 
+async def test_a_batch_over_many_record_batches_keeps_each_mount_in_its_partition_in_order(
+    broker: Broker,
+) -> None:
+    """With record batches of at most 2 KiB, one send spans many of them per partition: every
+    record arrives once, in order per mount, each mount in the partition producer.send picks
+    for its key."""
+    options = {"bootstrap_servers": broker.bootstrap, "topic": broker.topic}
+    sent = testing.mixed_records(600)
+    async with testing.opened(KafkaSink("k", {**options, "max_batch_size": 2048})) as sink:
+        await testing.send_stream(sink, sent, batch_size=300)
+    producer: Any = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+    await producer.start()
+    try:
+        mounts = {record.mount for record in sent}
+        picked = {
+            mount: (await producer.send_and_wait(broker.topic, b"probe", key=mount.encode()))
+            for mount in mounts
+        }
+    finally:
+        await producer.stop()
+    consumed = [m for m in await read_topic(broker.bootstrap, broker.topic) if m.value != b"probe"]
+    check_keyed(consumed, sent)
+    for message in consumed:
+        assert message.partition == picked[message.key.decode()].partition
+
+
+async def test_a_record_over_max_request_size_rejects_the_batch_unsent(
+    sink: KafkaSink, broker: Broker
+) -> None:
+    """A record over 1 MiB rejects its batch before any record of it is handed over; the
+    next batch goes through."""
+    big = testing.make_records(61, 1, stream="s", paths=[b"/" + b"x" * 1_100_000])
+    with pytest.raises(SinkRejected, match="max_request_size"):
+        await sink.send([*testing.mixed_records(60), *big])
+    sent = testing.mixed_records(40, start=100)
+    await sink.send(sent)
+    check_keyed(await read_topic(broker.bootstrap, broker.topic), sent)
+    assert sink.health().ok
+
+
 async def test_unreachable_broker_is_unavailable() -> None:
     """open() and send() against a port nobody listens on raise SinkUnavailable; unhealthy."""
     options = {"bootstrap_servers": f"127.0.0.1:{testing.free_port()}", "request_timeout_ms": 1000}
@@ -71,6 +114,7 @@ async def test_unreachable_broker_is_unavailable() -> None:
         ({"enable_idempotence": "yes"}, "sinks.k.enable_idempotence"),
         ({"linger_ms": -1}, "sinks.k.linger_ms"),
         ({"bootstrap_servers": []}, "sinks.k.bootstrap_servers"),
+        ({"max_batch_size": 100}, "sinks.k.max_batch_size"),
     ],
 )
 def test_bad_options_name_the_key(options: dict[str, object], key: str) -> None:

@@ -29,10 +29,11 @@ import pytest
 from overlay import requires_overlay
 from yarl import URL
 
-from watcher.cli.check import schema_for
+from watcher.cli import remote
 from watcher.cli.main import service_for
 from watcher.core.model import Kind
 from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.delivery.schemas import schema_for
 from watcher.http import client, metrics, pipe
 from watcher.http.api import Limits, serve
 from watcher.service.config import ApiConfig, Config, MountConfig, SpoolConfig
@@ -577,11 +578,11 @@ async def test_cli_client_status_diff_and_tail(
         await client.fetch_changes(server, None, "m")
 
 
-def test_client_commands_parse() -> None:
-    """add_client_commands adds status and tail with their options."""
+def test_remote_commands_parse() -> None:
+    """add_remote_commands adds status and tail with their options."""
     parser = argparse.ArgumentParser(prog="layerwatch")
     sub = parser.add_subparsers(dest="command", required=True)
-    client.add_client_commands(sub)
+    remote.add_remote_commands(sub)
     args = parser.parse_args(["tail", "--since", "3", "--mount", "m", "--server", "/x.sock"])
     assert (args.command, args.since, args.mount, args.server) == ("tail", 3, "m", "/x.sock")
     args = parser.parse_args(["status", "--server", "http://127.0.0.1:1", "--token-file", "/t"])

@@ -29,7 +29,7 @@ import orjson
 import pytest
 from overlay import LayerEntry, build_layer, mount_overlay, requires_overlay, unmount
 
-from watcher.cli.check import schema_for
+from watcher.delivery.schemas import schema_for
 from watcher.core.mounts import find_mount
 from watcher.core.rules import compute
 from watcher.delivery.events import BOOKMARK, CHANGE, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END

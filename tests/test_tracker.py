@@ -240,9 +240,9 @@ async def test_events_valid_against_schema(live: LiveMount, ovl: Overlay) -> Non
     jsonschema = pytest.importorskip("jsonschema")
     orjson = pytest.importorskip("orjson")
     try:
-        from watcher.cli.check import schema_for
+        from watcher.delivery.schemas import schema_for
     except ImportError:
-        pytest.skip("watcher.cli.check.schema_for is not there yet")
+        pytest.skip("watcher.delivery.schemas.schema_for is not there yet")
     from watcher.delivery.publisher import Publisher
 
     run_ops(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.resources
 import json
 import os
 import sys
@@ -23,37 +22,24 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from watcher.cli import logconfig as log
 from watcher.core.errors import ConfigError, LayerwatchError
 from watcher.core.mounts import find_mount
-from watcher.delivery.events import BOOKMARK, CHANGE, GAP, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.delivery.plugins import available_sinks, load_sink
 from watcher.service import config as config_mod
 from watcher.service.config import Config, MountConfig
 
 __all__ = [
-    "SCHEMA_FILES",
     "Finding",
     "add_check_command",
     "check",
     "exit_status",
     "format_findings",
-    "schema_for",
 ]
 
 Level = Literal["ok", "warn", "error"]
-
-SCHEMA_FILES: Final = {
-    CHANGE: "change.json",
-    SNAPSHOT_BEGIN: "snapshot.begin.json",
-    SNAPSHOT_END: "snapshot.end.json",
-    RESYNC: "resync.json",
-    BOOKMARK: "bookmark.json",
-    GAP: "gap.json",
-}
-"""The schema file (in ``watcher/delivery/schema/``) of each event type's ``data``."""
 
 _SEPARATORS: Final = (",", ":", "=", "\\")
 _CAP_SYS_ADMIN: Final = 21
@@ -80,21 +66,6 @@ class Finding:
     level: Level
     what: str
     fix: str = ""
-
-
-def schema_for(event_type: str) -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of ``data`` for ``event_type``, or of the envelope.
-
-    Args:
-        event_type: a CloudEvents ``type`` (``io.layerwatch.change``, ...) or ``"envelope"``.
-
-    Raises:
-        KeyError: an unknown event type.
-    """
-    name = "envelope.json" if event_type == "envelope" else SCHEMA_FILES[event_type]
-    text = importlib.resources.files("watcher.delivery").joinpath("schema", name).read_text("utf-8")
-    schema: dict[str, Any] = json.loads(text)
-    return schema
 
 
 def exit_status(findings: list[Finding]) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import orjson
 
 from watcher.cli import logconfig as log
+from watcher.cli import remote
 from watcher.cli.check import add_check_command
 from watcher.cli.demo import run_demo
 from watcher.core.errors import LayerwatchError
@@ -19,7 +20,6 @@ from watcher.core.layers import Whiteouts
 from watcher.core.model import Change
 from watcher.core.mounts import Driver, Filesystem
 from watcher.delivery.events import path_fields
-from watcher.http import client
 from watcher.service import config
 from watcher.service.service import Service
 from watcher.service.watch import StreamOutlet, install_stop_signals, watch
@@ -58,7 +58,7 @@ def _filesystem(args: argparse.Namespace) -> Filesystem:
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     if args.server is not None:
-        _write_changes(client.diff(args), args.json)
+        _write_changes(remote.diff(args), args.json)
         return 0
     _write_changes(_filesystem(args).changes(), args.json)
     return 0
@@ -197,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_, func) in commands.items():
         parsers[name] = sub.add_parser(name, help=help_, description=help_)
         parsers[name].set_defaults(func=func)
-    client.add_client_commands(sub)
+    remote.add_remote_commands(sub)
     _add_view_args(parsers["diff"])
-    client.add_server_arguments(parsers["diff"])
+    remote.add_server_arguments(parsers["diff"])
     parsers["diff"].add_argument("--json", action="store_true", help="a JSON array of changes")
     _add_view_args(parsers["export"])
     what = parsers["export"].add_mutually_exclusive_group()

@@ -42,7 +42,7 @@ from watcher.http.pipe import Pipe
 from watcher.http.streams import EventStream
 from watcher.http.view import MountView, ServiceView
 from watcher.live.inotify import read_limits
-from watcher.service.config import ApiConfig
+from watcher.service.config import DEFAULT_SOCKET, ApiConfig
 
 __all__ = ["COOKIE", "Limits", "build_app", "parse_listen", "serve"]
 
@@ -52,7 +52,6 @@ COOKIE: Final = "layerwatch_session"
 """The page's session cookie on TCP (HttpOnly, SameSite=Strict), set by ``GET /?token=``."""
 
 _STATIC: Final = Path(__file__).parent / "static"
-_DEFAULT_SOCKET: Final = Path("/run/layerwatch/api.sock")
 _JSON: Final = "application/json"
 _CHUNK: Final = 1 << 16
 
@@ -172,7 +171,7 @@ async def serve(service: ServiceView, config: ApiConfig, *, limits: Limits | Non
             raise ConfigError("api.token", "is required when api.listen (TCP) is set")
     try:
         if config.socket is not None or config.listen is None:
-            socket_path = config.socket or _DEFAULT_SOCKET
+            socket_path = config.socket or DEFAULT_SOCKET
             sock = _unix_socket(socket_path)
             runner = await _start(api, None)
             runners.append(runner)

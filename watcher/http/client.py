@@ -1,39 +1,28 @@
-"""The CLI's HTTP clients of a running service: ``status``, ``tail`` and ``diff --server``.
+"""The HTTP client of a running service: its status, its change lists, its event stream.
 
 The only module that uses aiohttp's *client*; its errors leave as ``ServerError``. A server is
 a URL (``http://127.0.0.1:8421``) or the path of the API's unix socket (the default,
-``/run/layerwatch/api.sock``). The token for TCP comes from ``--token-file`` or the
-``LAYERWATCH_TOKEN`` environment variable, never from the command line (``ps`` shows that).
+``/run/layerwatch/api.sock``). The commands that use it are in ``watcher.cli.remote``.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import IO, Any, BinaryIO, Final
 
 import aiohttp
 
 from watcher.core.errors import LayerwatchError
 from watcher.core.model import Change, Kind
+from watcher.service.config import DEFAULT_SOCKET
 
-__all__ = [
-    "ServerError",
-    "add_client_commands",
-    "add_server_arguments",
-    "diff",
-    "fetch_changes",
-    "status",
-    "tail",
-]
+__all__ = ["ServerError", "fetch_changes", "status", "tail"]
 
-DEFAULT_SOCKET: Final = "/run/layerwatch/api.sock"
 _RETRY_CAP: Final = 10.0
 _NO_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_read=None)
 
@@ -44,7 +33,7 @@ class ServerError(LayerwatchError):
 
 @contextlib.asynccontextmanager
 async def _session(server: str | None, token: str | None) -> AsyncIterator[aiohttp.ClientSession]:
-    server = server or DEFAULT_SOCKET
+    server = server or str(DEFAULT_SOCKET)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if server.startswith(("http://", "https://")):
         session = aiohttp.ClientSession(server.rstrip("/"), headers=headers)
@@ -178,73 +167,3 @@ async def tail(
             print(f"layerwatch: {exc}; retrying in {delay:g} s", file=sys.stderr)
         await asyncio.sleep(delay)
         delay = min(delay * 2, _RETRY_CAP)
-
-
-# -- the command line -------------------------------------------------------------------------
-
-
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--server URL|SOCKET`` and ``--token-file PATH``."""
-    parser.add_argument(
-        "--server",
-        metavar="URL|SOCKET",
-        help=f"the service's API: http://HOST:PORT or a unix socket (default {DEFAULT_SOCKET})",
-    )
-    parser.add_argument(
-        "--token-file",
-        metavar="PATH",
-        help="a file holding the API token (TCP); default: $LAYERWATCH_TOKEN",
-    )
-
-
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
-        try:
-            return Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise ServerError(f"cannot read the token file: {exc.strerror}") from exc
-    return os.environ.get("LAYERWATCH_TOKEN") or None
-
-
-def diff(args: argparse.Namespace) -> list[Change]:
-    """``layerwatch diff --server S [MOUNT]``: the list from a running service."""
-    return asyncio.run(fetch_changes(args.server, _token(args), args.mountpoint))
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    return asyncio.run(status(args.server, _token(args), out=sys.stdout))
-
-
-def _cmd_tail(args: argparse.Namespace) -> int:
-    token = _token(args)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            tail(
-                args.server,
-                token,
-                sys.stdout.buffer,
-                since=args.since,
-                mount=args.mount,
-                limit=args.count,
-            )
-        )
-    return 0
-
-
-def add_client_commands(sub: Any) -> None:
-    """Add ``status`` and ``tail`` to the CLI's subparsers (``add_subparsers()`` result)."""
-    commands: Sequence[tuple[str, str, Any]] = (
-        ("status", "health and mounts of a running service", _cmd_status),
-        ("tail", "follow a running service's events as JSON lines", _cmd_tail),
-    )
-    parsers = {}
-    for name, help_, func in commands:
-        parser = sub.add_parser(name, help=help_, description=help_)
-        add_server_arguments(parser)
-        parser.set_defaults(func=func)
-        parsers[name] = parser
-    parsers["tail"].add_argument(
-        "--since", type=int, metavar="SEQ", help="replay from after SEQ (default: live only)"
-    )
-    parsers["tail"].add_argument("--mount", metavar="NAME", help="only this mount's events")
-    parsers["tail"].add_argument("--count", type=int, metavar="N", help="stop after N events")

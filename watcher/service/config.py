@@ -40,6 +40,10 @@ _RUNNER_KEYS: Final = frozenset(
 )
 
 
+DEFAULT_SOCKET: Final = Path("/run/layerwatch/api.sock")
+"""Where the API listens, and where the commands that talk to it look, by default."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MountConfig:
     """One mount to follow.
@@ -95,7 +99,7 @@ class SpoolConfig:
 class ApiConfig:
     """The HTTP API: a unix socket by default; TCP only with a token."""
 
-    socket: Path | None = Path("/run/layerwatch/api.sock")
+    socket: Path | None = DEFAULT_SOCKET
     listen: str | None = None
     token: str | None = None
     allow_remote: bool = False

@@ -48,12 +48,12 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
 
-from watcher.core.layers import LowerStack  # noqa: E402
 from watcher.core.model import Change, Item, Kind, Transition  # noqa: E402
+from watcher.core.mounts import Filesystem  # noqa: E402
 from watcher.core.rules import compute  # noqa: E402
 from watcher.live.hub import Hub  # noqa: E402
 from watcher.live.inotify import Inotify, read_limits  # noqa: E402
-from watcher.live.tracker import Tracker  # noqa: E402
+from watcher.live.tracker import Branch, Tracker  # noqa: E402
 
 # The overlay kit and the conformance lower live with the tests (test code, not the product).
 overlay: Any = importlib.import_module("overlay")
@@ -180,8 +180,8 @@ class Live:
         self.seen: dict[bytes, float] = {}
         self.inotify = Inotify()
         self.hub = Hub(self.inotify, self._publish)
-        lower = LowerStack([os.fsencode(p) for p in ovl.lowers])
-        self.tracker = Tracker("bench", os.fsencode(ovl.upper), lower, self.hub)
+        fs = Filesystem([os.fsencode(p) for p in ovl.lowers], os.fsencode(ovl.upper), os.devnull)
+        self.tracker = Tracker.of("bench", Branch.of(fs), self.hub)
         self.task: asyncio.Task[None] | None = None
 
     async def _publish(self, mount: str, items: list[Item]) -> None:
@@ -396,11 +396,11 @@ async def memory(entries: int) -> dict[str, float]:
                 os.close(os.open(f"{upper}/m/d{k}/f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
         with Inotify() as ino:
             hub = Hub(ino, _discard)
-            stack = LowerStack([os.fsencode(lower)])
+            branch = Branch.of(Filesystem([os.fsencode(lower)], os.fsencode(upper), os.devnull))
             gc.collect()
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
-            tracker = Tracker("mem", os.fsencode(upper), stack, hub)
+            tracker = Tracker.of("mem", branch, hub)
             items = tracker.start()
             peak = tracemalloc.get_traced_memory()[1]
             count = len(tracker.kinds)

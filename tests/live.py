@@ -14,13 +14,13 @@ import contextlib
 import os
 from collections.abc import Mapping, Sequence
 
-from watcher.core.layers import LowerStack
 from watcher.core.model import Change, Control, Item, Kind, Op, Transition
+from watcher.core.mounts import Filesystem
 from watcher.core.rules import compute
 from watcher.delivery.events import SNAPSHOT_BEGIN
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
-from watcher.live.tracker import Tracker
+from watcher.live.tracker import Branch, Tracker
 
 ACTIVITY_OPS = frozenset({Op.MODIFY, Op.ATTRIB, Op.CREATE, Op.MOVE})
 """Ops an activity event (``kind == prev_kind``) may carry: a write, never a rescan."""
@@ -83,8 +83,8 @@ class LiveMount:
         """Set at every publish (clear it, then wait for the next one)."""
         self.inotify = Inotify()
         self.hub = Hub(self.inotify, self._publish, rescan_interval=rescan_interval)
-        stack = LowerStack([os.fsencode(p) for p in lowers])
-        self.tracker = Tracker(name, os.fsencode(upper), stack, self.hub)
+        fs = Filesystem([os.fsencode(p) for p in lowers], os.fsencode(upper), os.devnull)
+        self.tracker = Tracker.of(name, Branch.of(fs), self.hub)
         self._task: asyncio.Task[None] | None = None
         self.initial: dict[bytes, Kind] = {}
         """What a consumer held before the first item (a restart's persisted list)."""

@@ -22,7 +22,8 @@ from watcher.core.mounts import Driver, Filesystem
 from watcher.delivery.events import path_fields
 from watcher.service import config
 from watcher.service.service import Service
-from watcher.service.watch import StreamOutlet, install_stop_signals, watch
+from watcher.service.signals import install_stop_signals
+from watcher.service.watch import StreamOutlet, watch
 
 __all__ = ["escape_path", "main", "service_for"]
 

@@ -35,6 +35,7 @@ from watcher.core.model import (
     Op,
     Transition,
 )
+from watcher.core.mounts import Filesystem
 from watcher.core.rules import DirState, Rules
 
 __all__ = ["Branch", "Resolver", "Tracker", "WatchOps"]
@@ -56,6 +57,12 @@ class Branch:
     upper: bytes
     lower: LowerStack
     xattr_prefix: bytes = b"trusted.overlay."
+
+    @classmethod
+    def of(cls, fs: Filesystem) -> Branch:
+        """The writable branch of ``fs`` over its layers (with their whiteout format)."""
+        lower = LowerStack(fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix)
+        return cls(fs.rw, lower, fs.xattr_prefix)
 
 
 Resolver = Callable[[], Branch]
@@ -158,6 +165,21 @@ class Tracker:
             ``lower`` again.
     """
 
+    @classmethod
+    def of(
+        cls, mount: str, branch: Branch, watches: WatchOps, *, resolve: Resolver | None = None
+    ) -> Tracker:
+        """The tracker of ``branch``: the one way the service, ``watch`` and the tests
+        follow a branch."""
+        return cls(
+            mount,
+            branch.upper,
+            branch.lower,
+            watches,
+            xattr_prefix=branch.xattr_prefix,
+            resolve=resolve,
+        )
+
     def __init__(
         self,
         mount: str,
@@ -204,10 +226,6 @@ class Tracker:
     def changes(self) -> list[Change]:
         """The change list now, sorted by path bytes."""
         return [Change(path, self.kinds[path]) for path in sorted(self.kinds)]
-
-    def path_of(self, wd: int) -> bytes | None:
-        """The directory a watch descriptor of this tracker stands for."""
-        return self._wd_path.get(wd)
 
     @property
     def watch_count(self) -> int:

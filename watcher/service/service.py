@@ -37,7 +37,7 @@ from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
 from watcher.live.tracker import Branch, Tracker
 from watcher.service.config import Config, DiscoveryConfig, MountConfig, SinkConfig
-from watcher.service.watch import install_stop_signals
+from watcher.service.signals import install_stop_signals
 
 __all__ = ["MountState", "Service", "discovered_name", "filesystem_for"]
 
@@ -538,13 +538,12 @@ class Service:
         """
         if labels:
             self.publisher.labels[mount.name] = dict(labels)
-        lower = LowerStack(fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix)
+        branch = Branch.of(fs)
         resolve = None
         if labels is None and not mount.managed and mount.upper is None:  # not discovered
-            resolve = _MountpointBranch(fs, lower, functools.partial(self._moved, mount.name))
-        tracker = Tracker(
-            mount.name, fs.rw, lower, hub, xattr_prefix=fs.xattr_prefix, resolve=resolve
-        )
+            moved = functools.partial(self._moved, mount.name)
+            resolve = _MountpointBranch(fs, branch.lower, moved)
+        tracker = Tracker.of(mount.name, branch, hub, resolve=resolve)
         persisted = spool.load_list(mount.name) if mount.name in spool.mounts() else None
         await hub.follow(tracker, persisted)
         fs = resolve.fs if resolve is not None else fs  # mounted again while starting
@@ -684,9 +683,7 @@ class _MountpointBranch:
         if (fs.rw, fs.layers, fs.xattr_prefix) == (old.rw, old.layers, old.xattr_prefix):
             return
         if (fs.layers, fs.xattr_prefix) != (old.layers, old.xattr_prefix):
-            self._lower = LowerStack(
-                fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix
-            )
+            self._lower = Branch.of(fs).lower
         self.fs = fs
         self._moved(fs)
 

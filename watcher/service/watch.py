@@ -8,23 +8,20 @@ passes the sync barrier first, so every change made before it is printed, then a
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections.abc import Callable, Mapping
 from typing import BinaryIO
 
 import structlog
 
-from watcher.core.layers import LowerStack
 from watcher.core.model import Kind
 from watcher.core.mounts import Filesystem
 from watcher.delivery.events import Record
 from watcher.delivery.publisher import Outlet, Publisher
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
-from watcher.live.tracker import Tracker
+from watcher.live.tracker import Branch, Tracker
 
-__all__ = ["StreamOutlet", "install_stop_signals", "watch"]
+__all__ = ["StreamOutlet", "watch"]
 
 logger = structlog.get_logger("layerwatch.watch")
 
@@ -41,27 +38,6 @@ class StreamOutlet:
         """Write and flush one batch."""
         self._stream.write(b"".join(record.body + b"\n" for record in records))
         self._stream.flush()
-
-
-def install_stop_signals(stop: asyncio.Event) -> Callable[[], None]:
-    """SIGINT/SIGTERM set ``stop``; a second signal exits at once. Returns an undo function."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            logger.warning("second_signal_exit", signal=signal.Signals(signum).name)
-            os._exit(128 + signum)
-        logger.info("stop_requested", signal=signal.Signals(signum).name)
-        stop.set()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-
-    def undo() -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-
-    return undo
 
 
 async def watch(
@@ -82,13 +58,12 @@ async def watch(
         ready: called with the hub once the snapshot is out (tests and the demo use it).
     """
     publisher = Publisher(outlet)
-    lower = LowerStack(fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix)
     with Inotify() as inotify:
         hub = Hub(inotify, publisher.publish)
         reader = asyncio.create_task(hub.run(), name="hub")
         stopper = asyncio.create_task(stop.wait())
         try:
-            tracker = Tracker(name, fs.rw, lower, hub, xattr_prefix=fs.xattr_prefix)
+            tracker = Tracker.of(name, Branch.of(fs), hub)
             start = asyncio.create_task(hub.follow(tracker), name="start")
             await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if not start.done():  # stopped during the first scan: abandon it

@@ -19,7 +19,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from watcher.core.errors import ConfigError, SinkRejected, SinkUnavailable
-from watcher.delivery.builtin.local import ExecSink, JsonlSink, StdoutSink
+from watcher.delivery.builtin.command import ExecSink
+from watcher.delivery.builtin.jsonl import JsonlSink
+from watcher.delivery.builtin.stdout import StdoutSink
 from watcher.delivery.events import Record
 from watcher.delivery.plugins import Options, available_sinks, load_sink
 from watcher.delivery.runner import RunnerConfig, SinkRunner

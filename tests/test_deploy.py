@@ -165,16 +165,23 @@ def test_daemonset_configmap_is_a_valid_config() -> None:
 
 
 def test_containerfile_copies_what_exists_and_runs_the_service() -> None:
-    """The Containerfile is python:3.11-slim based, its COPY sources exist, it runs the CLI."""
+    """The Containerfile builds on a Debian 12 base given as BASE (debian:bookworm-slim by
+    default), its COPY sources exist and are not ignored, it runs the CLI under tini.
+    (tests/test_deploy_pod.py and tests/test_deploy_compose.py build it and run it.)"""
     text = (DEPLOY / "Containerfile").read_text()
-    froms = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
-    assert froms
-    assert all(image == "python:3.11-slim" for image in froms)
+    assert re.search(r"^ARG BASE=debian:bookworm-slim$", text, re.MULTILINE)
+    froms = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", text, re.MULTILINE)
+    assert froms == [("${BASE}", "runtime"), ("runtime", "build"), ("runtime", "")]
+    ignored = [
+        line for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]  # fmt: skip
     for sources in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
         for source in sources.split():
             assert (REPO / source).exists(), source
+            assert source not in ignored, source
     (plugins,) = re.findall(r'^ARG PLUGINS="([^"]*)"', text, re.MULTILINE)
     for plugin in plugins.split():
         assert (REPO / "plugins" / plugin / "pyproject.toml").is_file(), plugin
-    assert 'ENTRYPOINT ["layerwatch"]' in text
+    assert 'ENTRYPOINT ["/usr/bin/tini", "--", "/opt/layerwatch/bin/layerwatch"]' in text
     assert 'CMD ["run", "/etc/layerwatch/layerwatch.toml"]' in text

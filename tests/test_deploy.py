@@ -136,32 +136,67 @@ def _manifests() -> dict[str, dict[str, Any]]:
 
 
 def test_daemonset_mounts_runtime_dirs_read_only_with_host_propagation() -> None:
-    """Host runtime dirs are read-only, HostToContainer, at the node's own paths."""
+    """Host runtime dirs are read-only, HostToContainer, at the node's own paths; the root
+    filesystem is read-only but /tmp is writable; the probes ask `layerwatch status`."""
     manifests = _manifests()
     assert {"Namespace", "ConfigMap", "DaemonSet"} <= manifests.keys()
     pod = manifests["DaemonSet"]["spec"]["template"]["spec"]
     assert not pod.get("hostPID")
     (container,) = pod["containers"]
     host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    for runtime_dir in ("/var/lib/docker", "/run/containerd"):
+    for runtime_dir in ("/var/lib/docker", "/run/containerd", "/var/lib/containerd"):
         (name,) = [n for n, p in host_paths.items() if p == runtime_dir]
         assert mounts[name]["mountPath"] == runtime_dir
         assert mounts[name]["readOnly"] is True
         assert mounts[name]["mountPropagation"] == "HostToContainer"
-    caps = container["securityContext"]["capabilities"]
-    assert "SYS_ADMIN" in caps["add"] or container["securityContext"].get("privileged")
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    writable = {m["mountPath"] for m in mounts.values() if not m.get("readOnly")}
+    assert {"/tmp", "/run/layerwatch", "/var/lib/layerwatch"} <= writable
+    (tmp,) = [m["name"] for m in mounts.values() if m["mountPath"] == "/tmp"]
+    assert tmp in empty_dirs
+    assert security["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN", "DAC_READ_SEARCH"]}
     limits = container["resources"]["limits"]
     assert {"cpu", "memory"} <= limits.keys()
     assert container["args"] == ["run", "/etc/layerwatch/layerwatch.toml"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "layerwatch status" in " ".join(container[probe]["exec"]["command"]), probe
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace > _parse_config(_rendered_config_map()).shutdown_timeout
+
+
+def _rendered_config_map(node: str = "node-1.example") -> str:
+    """The ConfigMap's config as the init container renders it on node ``node``."""
+    manifests = _manifests()
+    (init,) = manifests["DaemonSet"]["spec"]["template"]["spec"]["initContainers"]
+    (env,) = init["env"]
+    assert env == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+    text: str = manifests["ConfigMap"]["data"]["layerwatch.toml"]
+    assert "${NODE_NAME}" in text
+    return text.replace("${NODE_NAME}", node)
+
+
+def _parse_config(text: str) -> Config:
+    return parse(tomllib.loads(text))
 
 
 def test_daemonset_configmap_is_a_valid_config() -> None:
-    """The TOML in the ConfigMap parses as a layerwatch config."""
-    config_map = _manifests()["ConfigMap"]
-    config = parse(tomllib.loads(config_map["data"]["layerwatch.toml"]))
+    """The ConfigMap, rendered for a node, is a config that discovers the node's containers,
+    names its events after the node, and publishes to NATS unordered (one stream, many nodes)."""
+    config = _parse_config(_rendered_config_map("node-1.example"))
+    assert config.stream == "node-1.example"
     assert config.spool.path == Path("/var/lib/layerwatch/spool.db")
-    assert config.mounts
+    assert not config.mounts
+    assert config.discovery is not None
+    assert config.discovery.docker_root == Path("/var/lib/docker")
+    assert config.discovery.containerd_state == Path("/run/containerd")
+    (bus,) = config.sinks
+    assert bus.type == "nats"
+    assert bus.options["ordered"] is False
+    if "nats" in available_sinks():
+        load_sink(bus.name, bus.type, bus.options)  # raises ConfigError on a bad option
 
 
 def test_containerfile_copies_what_exists_and_runs_the_service() -> None:

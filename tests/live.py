@@ -97,7 +97,7 @@ class LiveMount:
     async def start(self, persisted: Mapping[bytes, Kind] | None = None) -> None:
         """Start the tracker (snapshot, or restart from ``persisted``) and the hub's loop."""
         self.initial = dict(persisted or {})
-        await self.hub.attach(self.tracker, self.tracker.start(persisted))
+        await self.hub.follow(self.tracker, persisted)
         self._task = asyncio.create_task(self.hub.run())
 
     async def sync(self) -> None:

@@ -131,7 +131,7 @@ async def test_watch_limit_degrades_and_recovers(ovl: Overlay) -> None:
                 run_ops(ovl.merged, "mkdir -p " + " ".join(f"t/d{i}/e" for i in range(100)))
                 run_ops(ovl.merged, "echo 1 > t/d50/e/f; echo 2 >> data/file1")
                 await live.sync()
-                assert live.tracker.degraded == "watch_limit"
+                assert str(live.tracker.degraded) == "watch_limit"
                 live.check()
                 run_ops(ovl.merged, "echo 3 > t/d99/e/g; rm -rf t/d7")  # unwatched dirs
                 await _periodic_rescan_catches_up(live)
@@ -161,7 +161,7 @@ async def test_watch_limit_recovers_after_unwatched_dirs_are_gone(ovl: Overlay) 
         with sysctl("max_user_watches", watches_in_use() + 3):
             run_ops(ovl.merged, "mkdir -p " + " ".join(f"t/d{i}/e" for i in range(100)))
             await live.sync()
-            assert live.tracker.degraded == "watch_limit"
+            assert str(live.tracker.degraded) == "watch_limit"
             run_ops(ovl.merged, "rm -rf t/d*/e")  # no hint where the parent is unwatched too
             await live.sync()
             live.check()
@@ -188,7 +188,7 @@ async def test_degraded_rescans_keep_their_clock_under_steady_traffic(ovl: Overl
         with sysctl("max_user_watches", watches_in_use() + 3):
             run_ops(ovl.merged, "mkdir -p " + " ".join(f"t/d{i}/e" for i in range(40)))
             await live.sync()
-            assert live.tracker.degraded == "watch_limit"
+            assert str(live.tracker.degraded) == "watch_limit"
             writer = asyncio.create_task(noise())
             try:
                 unwatched = sorted(live.tracker._unwatched)  # the tracker's own record

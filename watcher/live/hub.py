@@ -284,8 +284,7 @@ class Hub(WatchOps):
         try:
             return work()
         except Exception as exc:
-            tracker.take()  # half-made items: the resync replaces them
-            tracker.degraded = f"error: {exc}"
+            tracker.fail(exc)
             logger.exception("tracker_failed", mount=tracker.mount, error=str(exc))
             return []
 

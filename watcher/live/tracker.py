@@ -38,7 +38,7 @@ from watcher.core.model import (
 from watcher.core.mounts import Filesystem
 from watcher.core.rules import DirState, Rules
 
-__all__ = ["Branch", "Resolver", "Tracker", "WatchOps"]
+__all__ = ["Branch", "Degraded", "Resolver", "Tracker", "WatchOps"]
 
 logger = structlog.get_logger("layerwatch.tracker")
 
@@ -70,6 +70,28 @@ Resolver = Callable[[], Branch]
 there is none (nothing mounted at an attached mountpoint, say). The default resolver answers
 the tracker's own upper path and lower stack: a detached branch stays where it was."""
 
+
+@dataclass(frozen=True, slots=True)
+class Degraded:
+    """Why a mount is not followed by inotify alone, kept by its tracker.
+
+    Attributes:
+        reason: ``watch_limit`` (kept exact by periodic rescans), ``error`` (a reconcile
+            failed: resynced at the next tick) or ``branch_missing`` (no branch to follow).
+        detail: what happened, for people.
+    """
+
+    reason: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+WATCH_LIMIT: Final = "watch_limit"
+"""The reason of a mount degraded by the inotify watch limit."""
+ERROR: Final = "error"
+"""The reason of a mount degraded by a failure (resynced at the next tick)."""
 BRANCH_REPLACED: Final = "branch_replaced"
 """The reason of the resync (and snapshot) that follows a new branch."""
 BRANCH_MISSING: Final = "branch_missing"
@@ -215,7 +237,7 @@ class Tracker:
         self._unwatched: set[bytes] = set()
         self._out: list[Item] = []
         self._quiet = False
-        self.degraded: str | None = None
+        self.degraded: Degraded | None = None
         self.interrupt: Callable[[], None] | None = None
         """Called once per directory a scan lists; may raise to abandon the scan (a stop
         during a long start). The tracker is then unusable: close it."""
@@ -377,7 +399,7 @@ class Tracker:
         self.upper, self.xattr_prefix = upper, branch.xattr_prefix
         self.rules = Rules(upper, branch.lower, xattr_prefix=branch.xattr_prefix)
         self._root, self._gone = root, None
-        missing = self.degraded is not None and self.degraded.startswith(BRANCH_MISSING)
+        missing = self.degraded is not None and self.degraded.reason == BRANCH_MISSING
         self.degraded = None  # whatever it was, the branch is scanned from scratch below
         if came_back:
             self._rescan()
@@ -393,10 +415,16 @@ class Tracker:
             )
         return self.take()
 
+    def fail(self, exc: Exception) -> None:
+        """A reconcile raised ``exc``: drop its half-made items and degrade the mount
+        (reason ``error``); the next tick resyncs it, so consumers get a snapshot, not a gap."""
+        self.take()
+        self.degraded = Degraded(ERROR, str(exc))
+
     @property
     def degraded_by_error(self) -> bool:
         """Whether a failure (not the watch limit) degraded this mount."""
-        return self.degraded is not None and self.degraded.startswith("error")
+        return self.degraded is not None and self.degraded.reason == ERROR
 
     def recover(self) -> list[Item]:
         """A degraded mount's periodic work: after a failure, a resync (then healthy again);
@@ -438,12 +466,12 @@ class Tracker:
 
     def _lose(self, why: str) -> None:
         """The mount has no branch now: drop the old branch's watches, keep the list."""
-        if self.degraded is not None and self.degraded.startswith(BRANCH_MISSING):
+        if self.degraded is not None and self.degraded.reason == BRANCH_MISSING:
             return  # missing already, and said so
         if self._root is not None:
             self._gone = (self.upper, self.rules.lower, self._root[0], self._root[1])
             self._leave()
-        self.degraded = f"{BRANCH_MISSING}: {why}"
+        self.degraded = Degraded(BRANCH_MISSING, why)
         self._logger.warning(BRANCH_MISSING, upper=os.fsdecode(self.upper), reason=why)
 
     def _leave(self) -> None:
@@ -529,7 +557,7 @@ class Tracker:
         except WatchLimitError as exc:
             self._unwatched.add(directory)
             if self.degraded is None:
-                self.degraded = "watch_limit"
+                self.degraded = Degraded(WATCH_LIMIT)
                 self._logger.error("watch_limit_reached", path=directory, error=str(exc))
             return
         except WatchError:
@@ -630,6 +658,8 @@ class Tracker:
                 info = _Dir(dstate, dino)
             info.members = set()
             dirs[directory] = info
+            if dstate.in_upper and (info.wd is None or self._wd_path.get(info.wd) != directory):
+                self._watch(directory, info)  # watch, then list: nothing made between is lost
             try:
                 children = self.rules.scan(directory, dstate)
             except (FileNotFoundError, NotADirectoryError):
@@ -651,7 +681,7 @@ class Tracker:
             if info.state.in_upper and (info.wd is None or self._wd_path.get(info.wd) != path):
                 self._watch(path, info)
         self._unwatched.intersection_update(dirs)  # gone while unwatched: nothing to watch
-        if not self._unwatched and self.degraded == "watch_limit":
+        if not self._unwatched and self.degraded == Degraded(WATCH_LIMIT):
             self.degraded = None
             self._logger.info("watch_limit_recovered")
         # Rebuild the derived list from scratch and emit the differences.

@@ -134,7 +134,8 @@ class MountState:
     @property
     def degraded(self) -> str | None:
         """Why it is not followed by inotify alone (None: it is)."""
-        return self.tracker.degraded
+        degraded = self.tracker.degraded
+        return None if degraded is None else str(degraded)
 
     def changes(self) -> list[Change]:
         """The change list, sorted by path."""

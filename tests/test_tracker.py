@@ -214,7 +214,7 @@ async def test_restart_misses_no_write_made_right_after_a_directory_is_listed(
                 f.write("made between the listing and the end of the scan")
         return children
 
-    rules.scan = scan_then_write  # type: ignore[method-assign]
+    rules.scan = scan_then_write  # type: ignore[method-assign,assignment]
     await second.start(persisted)
     try:
         await second.sync()

@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 
 
-from watcher.core.model import Change, Item, Kind, Transition  # noqa: E402
+from watcher.core.model import Change, Control, Item, Kind, Transition, expand  # noqa: E402
 from watcher.core.mounts import Filesystem  # noqa: E402
 from watcher.core.rules import compute  # noqa: E402
 from watcher.live.hub import Hub  # noqa: E402
@@ -176,7 +176,7 @@ class Live:
 
     def __init__(self, ovl: Overlay) -> None:
         self.ovl = ovl
-        self.items: list[Item] = []
+        self.items: list[Transition | Control] = []
         self.seen: dict[bytes, float] = {}
         self.inotify = Inotify()
         self.hub = Hub(self.inotify, self._publish)
@@ -186,13 +186,14 @@ class Live:
 
     async def _publish(self, mount: str, items: list[Item]) -> None:
         now = time.monotonic()
-        self.items.extend(items)
-        for item in items:
+        flat = list(expand(items))
+        self.items.extend(flat)
+        for item in flat:
             if isinstance(item, Transition):
                 self.seen.setdefault(item.path, now)
 
     async def start(self) -> None:
-        await self.hub.attach(self.tracker, self.tracker.start())
+        await self.hub.follow(self.tracker)
         self.task = asyncio.create_task(self.hub.run())
 
     async def sync(self) -> None:

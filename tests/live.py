@@ -14,7 +14,7 @@ import contextlib
 import os
 from collections.abc import Mapping, Sequence
 
-from watcher.core.model import Change, Control, Item, Kind, Op, Transition
+from watcher.core.model import Change, Control, Item, Kind, Op, Transition, expand
 from watcher.core.mounts import Filesystem
 from watcher.core.rules import compute
 from watcher.delivery.events import SNAPSHOT_BEGIN
@@ -35,7 +35,7 @@ def replay(items: Sequence[Item], initial: Mapping[bytes, Kind] | None = None) -
     """
     state: dict[bytes, Kind] = dict(initial or {})
     in_snapshot = False
-    for item in items:
+    for item in expand(items):
         if isinstance(item, Control):
             if item.type == SNAPSHOT_BEGIN:
                 state, in_snapshot = {}, True
@@ -90,6 +90,7 @@ class LiveMount:
         """What a consumer held before the first item (a restart's persisted list)."""
 
     async def _publish(self, mount: str, items: list[Item]) -> None:
+        items = list(expand(items))
         self.items.extend(items)
         self.batches.append(items)
         self.published.set()

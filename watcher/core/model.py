@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
@@ -25,7 +26,9 @@ __all__ = [
     "Item",
     "Kind",
     "Op",
+    "SnapshotEntries",
     "Transition",
+    "expand",
 ]
 
 CHANGE: Final = "io.layerwatch.change"
@@ -91,5 +94,43 @@ class Control:
     data: dict[str, Any]
 
 
-Item = Transition | Control
-"""What keeping a list live emits: transitions and control events, in order."""
+@dataclass(frozen=True, slots=True)
+class SnapshotEntries:
+    """The entries of a snapshot, taken at one instant, that become transitions (op
+    ``snapshot``, with their ``lstat``) only as they are published, a chunk at a time: a
+    snapshot of a million entries never exists whole.
+
+    Attributes:
+        entries: path and kind of every entry, sorted by path.
+        stat: reads an entry's ``lstat`` now (None: gone).
+    """
+
+    entries: Sequence[tuple[bytes, Kind]]
+    stat: Callable[[bytes], os.stat_result | None]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def chunks(self, size: int) -> Iterator[list[Transition]]:
+        """The transitions, ``size`` at a time."""
+        for first in range(0, len(self.entries), size):
+            chunk = []
+            for path, kind in self.entries[first : first + size]:
+                st = None if kind is Kind.DELETED else self.stat(path)  # a D carries no stat
+                chunk.append(Transition(path, kind, None, Op.SNAPSHOT, st))
+            yield chunk
+
+
+Item = Transition | Control | SnapshotEntries
+"""What keeping a list live emits: transitions, control events and snapshots, in order."""
+
+
+def expand(items: Iterable[Item]) -> Iterator[Transition | Control]:
+    """``items`` with every snapshot made into its transitions (all of them: for a consumer
+    that holds them anyway; publish big ones chunk by chunk instead)."""
+    for item in items:
+        if isinstance(item, SnapshotEntries):
+            for chunk in item.chunks(4096):
+                yield from chunk
+        else:
+            yield item

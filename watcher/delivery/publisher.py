@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from watcher.core.model import RESYNC, Control, Item, Kind, Transition
+from watcher.core.model import RESYNC, Control, Item, Kind, Transition, expand
 from watcher.delivery.events import BOOKMARK, EventEncoder, Record
 
 __all__ = ["Outlet", "Publisher", "list_updates"]
@@ -24,7 +24,7 @@ Outlet = Callable[[list[Record], Mapping[str, Mapping[bytes, Kind | None]]], Awa
 def list_updates(items: list[Item]) -> dict[bytes, Kind | None]:
     """The change-list entries that ``items`` set (None: removed)."""
     updates: dict[bytes, Kind | None] = {}
-    for item in items:
+    for item in expand(items):
         if isinstance(item, Transition) and item.kind != item.prev_kind:
             updates[item.path] = item.kind
     return updates
@@ -70,20 +70,23 @@ class Publisher:
 
     def encode(self, mount: str, items: list[Item]) -> list[Record]:
         """Number and encode ``items`` of ``mount`` (counting the resyncs among them)."""
+        flat = list(expand(items))
         now = time.time()
         first = self.next_seq
-        self.next_seq += len(items)
+        self.next_seq += len(flat)
         records = [
             self.encode_one(seq, mount, item, now=now)
-            for seq, item in enumerate(items, start=first)
+            for seq, item in enumerate(flat, start=first)
         ]
-        for item in items:
+        for item in flat:
             if isinstance(item, Control) and item.type == RESYNC:
                 reason = str(item.data.get("reason"))
                 self.resyncs[reason] = self.resyncs.get(reason, 0) + 1
         return records
 
-    def encode_one(self, seq: int, mount: str, item: Item, *, now: float | None = None) -> Record:
+    def encode_one(
+        self, seq: int, mount: str, item: Transition | Control, *, now: float | None = None
+    ) -> Record:
         """Encode ``item`` as ``mount``'s event at ``seq``, without numbering it (a
         synthesized snapshot reuses the head's number)."""
         now = time.time() if now is None else now

@@ -24,7 +24,7 @@ import orjson
 import structlog
 from aiohttp import WSMsgType, web
 
-from watcher.core.model import Item
+from watcher.core.model import Control, Transition, expand
 from watcher.http.view import ServiceView
 
 __all__ = ["EventStream", "Frame"]
@@ -245,10 +245,11 @@ class EventStream:
         """
         service = self._service
         head = service.head_seq
-        items: list[tuple[str, Item]] = []
+        items: list[tuple[str, Transition | Control]] = []
         names = [n for n in service.mounts if mounts is None or n in mounts]
         for name in names:
-            items += [(name, item) for item in service.mounts[name].resync_items("retention")]
+            resync = service.mounts[name].resync_items("retention")
+            items += [(name, item) for item in expand(resync)]
         self.snapshots += 1
         logger.info("api_stream_snapshot", since=since, head=head, mounts=len(names))
         stream = f"{service.stream}~snapshot@{head}:{service.spool.epoch}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from watcher.core.model import Change, Item, Kind
+from watcher.core.model import Change, Control, Item, Kind, Transition
 from watcher.core.mounts import Filesystem
 from watcher.delivery.events import Record
 from watcher.delivery.sinks import Health
@@ -169,7 +169,7 @@ class ServiceView(Protocol):
     def degraded(self) -> list[str]:
         """Why the service is not fully healthy (empty when it is)."""
 
-    def encode(self, seq: int, mount: str, item: Item) -> Record:
+    def encode(self, seq: int, mount: str, item: Transition | Control) -> Record:
         """Encode ``item`` as the event of ``mount`` at ``seq`` (for synthesized snapshots)."""
 
     async def sync(self) -> None:

@@ -33,7 +33,7 @@ from typing import Final
 
 import structlog
 
-from watcher.core.model import Item, Kind, Op
+from watcher.core.model import Item, Kind, Op, SnapshotEntries
 from watcher.live.inotify import (
     IN_ATTRIB,
     IN_CLOSE_WRITE,
@@ -238,8 +238,23 @@ class Hub(WatchOps):
         return self._guard(tracker, functools.partial(tracker.reconcile, dirty))
 
     async def _publish_chunked(self, tracker: Tracker, items: list[Item]) -> None:
-        for first in range(0, len(items), _CHUNK):
-            await self._publish(tracker.mount, items[first : first + _CHUNK])
+        """Publish ``items`` at most ``_CHUNK`` at a time; a snapshot's entries become
+        transitions (and read their ``lstat``) only as their chunk goes out."""
+        pending: list[Item] = []
+        for item in items:
+            if isinstance(item, SnapshotEntries):
+                for chunk in item.chunks(_CHUNK):
+                    pending += chunk
+                    while len(pending) >= _CHUNK:
+                        await self._publish(tracker.mount, pending[:_CHUNK])
+                        del pending[:_CHUNK]
+            else:
+                pending.append(item)
+                if len(pending) >= _CHUNK:
+                    await self._publish(tracker.mount, pending)
+                    pending = []
+        if pending:
+            await self._publish(tracker.mount, pending)
 
     async def detach(self, mount: str) -> None:
         """Stop following a mount: drop its watches."""

@@ -33,6 +33,7 @@ from watcher.core.model import (
     Item,
     Kind,
     Op,
+    SnapshotEntries,
     Transition,
 )
 from watcher.core.mounts import Filesystem
@@ -484,10 +485,8 @@ class Tracker:
 
     def _snapshot(self, reason: str) -> None:
         self._out.append(Control(SNAPSHOT_BEGIN, {"mount": self.mount, "reason": reason}))
-        for path in sorted(self.kinds):
-            kind = self.kinds[path]
-            st = None if kind is Kind.DELETED else self._lstat(path)  # D carries no stat
-            self._out.append(Transition(path, kind, None, Op.SNAPSHOT, st))
+        entries = sorted(self.kinds.items())  # the list at this instant; stats read when sent
+        self._out.append(SnapshotEntries(entries, self._lstat))
         self._out.append(
             Control(SNAPSHOT_END, {"mount": self.mount, "reason": reason, "count": len(self.kinds)})
         )

@@ -24,7 +24,7 @@ import structlog
 
 from watcher.core.errors import ConfigError, LayerwatchError, MountError, SpoolError
 from watcher.core.layers import LowerStack
-from watcher.core.model import Change, Item, Kind
+from watcher.core.model import Change, Control, Item, Kind, Transition
 from watcher.core.mounts import Driver, Filesystem, find_mount
 from watcher.delivery.events import GAP, Record
 from watcher.delivery.intake import Intake
@@ -266,7 +266,7 @@ class Service:
         """inotify queue overflows since the start."""
         return self.hub.overflows
 
-    def encode(self, seq: int, mount: str, item: Item) -> Record:
+    def encode(self, seq: int, mount: str, item: Transition | Control) -> Record:
         """Encode ``item`` as ``mount``'s event at ``seq`` (synthesized snapshots)."""
         return self.publisher.encode_one(seq, mount, item)
 

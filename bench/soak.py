@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -41,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the long profile")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, outputs)")
     parser.add_argument("--plan", action="store_true", help="print the schedule and exit")
+    parser.add_argument(
+        "--layerwatch",
+        default="layerwatch",
+        help="the layerwatch executable to test (default: the one on PATH)",
+    )
     args = parser.parse_args(argv)
     prof = profile(args.profile, args.seed, args.minutes)
     if args.plan:
@@ -52,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("soak: needs root (tmpfs and overlay mounts, sysctls)", file=sys.stderr)
         return 2
-    harness = Harness(prof, args.seed, keep=args.keep, out=sys.stderr)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its retries are expected
+    harness = Harness(prof, args.seed, keep=args.keep, out=sys.stderr, layerwatch=args.layerwatch)
     try:
         asyncio.run(_run(harness))
     except KeyboardInterrupt:

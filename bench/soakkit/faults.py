@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,8 @@ __all__ = ["MAX_USER_WATCHES", "inject", "inotify_watches_in_use", "kill_orphans
 
 MAX_USER_WATCHES: Final = Path("/proc/sys/fs/inotify/max_user_watches")
 MAX_QUEUED_EVENTS: Final = Path("/proc/sys/fs/inotify/max_queued_events")
+WATCHES_LOCK: Final = Path("/tmp/lw-soak.watch-limit.lock")
+"""Held (flock) while a harness has the watch limit lowered."""
 ORPHAN_ARGV: Final = b"sleep\x003599\x00"
 """The command line of the child the exec sink's command leaves behind."""
 
@@ -84,18 +87,27 @@ def inotify_watches_in_use(uid: int = 0) -> int:
 
 
 async def _watch_limit(h: Harness, planned: Planned) -> None:
-    original = MAX_USER_WATCHES.read_text()
-    h.keep_load(planned, planned.fault.seconds)
-    used = await asyncio.to_thread(inotify_watches_in_use)
-    reached = len(h.service.log_events("watch_limit_reached"))
-    mark = h.rig.base / WATCHES_MARK  # for clean_stale, should the harness be SIGKILLed
-    mark.write_text(original)
-    try:
-        MAX_USER_WATCHES.write_text(f"{max(used, 1)}\n")
-        await asyncio.sleep(planned.fault.seconds)
-    finally:
-        MAX_USER_WATCHES.write_text(original)
-        mark.unlink()
+    # One harness at a time on this machine: a second one would read the lowered value as
+    # the one to put back, and leave the limit lowered for good.
+    lock = os.open(WATCHES_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with contextlib.closing(os.fdopen(lock, "rb")):
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            h.ledger.fault("watch_limit", "skipped: another harness holds the watch limit")
+            return
+        original = MAX_USER_WATCHES.read_text()
+        h.keep_load(planned, planned.fault.seconds)
+        used = await asyncio.to_thread(inotify_watches_in_use)
+        reached = len(h.service.log_events("watch_limit_reached"))
+        mark = h.rig.base / WATCHES_MARK  # for clean_stale, should the harness be SIGKILLed
+        mark.write_text(original)
+        try:
+            MAX_USER_WATCHES.write_text(f"{max(used, 1)}\n")
+            await asyncio.sleep(planned.fault.seconds)
+        finally:
+            MAX_USER_WATCHES.write_text(original)
+            mark.unlink()
     degraded = len(h.service.log_events("watch_limit_reached")) - reached
     h.ledger.fault(
         "watch_limit",

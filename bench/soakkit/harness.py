@@ -50,7 +50,9 @@ SHUTDOWN_BUDGET: Final = 2 * SHUTDOWN_TIMEOUT + 5 + 5 + 2
 """SIGTERM to exit: the final sync and the last flush (``shutdown_timeout`` each), the sink
 runners' drain (5 s) and close (5 s), and 2 s for the rest (unmounting, the interpreter)."""
 STUCK_WAIT: Final = 5.0
-"""How long a checkpoint waits for a sink that did not catch up at the previous one."""
+"""The least a checkpoint waits for the sinks, moving or not."""
+STALL: Final = 15.0
+"""Seconds without a new event after which a sink that has not caught up counts as stuck."""
 EXEC_SCRIPT: Final = (
     'f="$1/$(date +%s%N)-$$"; cat > "$f.tmp" && mv "$f.tmp" "$f.batch" || exit 1; '
     'if [ -e "$2" ]; then sleep 3599 & echo $! >> "$3"; fi'
@@ -77,9 +79,18 @@ class Harness:
         seed: the seed the schedule was made with (also the load generator's).
         keep: keep the temp dir (logs, outputs) after the run.
         out: where progress and violations are printed.
+        layerwatch: the ``layerwatch`` executable to test (another build, say).
     """
 
-    def __init__(self, profile: Profile, seed: int, *, keep: bool, out: TextIO) -> None:
+    def __init__(
+        self,
+        profile: Profile,
+        seed: int,
+        *,
+        keep: bool,
+        out: TextIO,
+        layerwatch: str = "layerwatch",
+    ) -> None:
         self.profile = profile
         self.seed = seed
         self.ledger = Ledger(out)
@@ -91,7 +102,13 @@ class Harness:
         self.receiver = Receiver("web", slow=5.0)
         self.stdout = RunFiles("out", keep=keep)
         self.service: Service = Service(
-            self.rig.config, self.rig.socket, self.rig.logs, self.rig.out, self.stdout, {}
+            self.rig.config,
+            self.rig.socket,
+            self.rig.logs,
+            self.rig.out,
+            self.stdout,
+            {},
+            command=layerwatch,
         )
         self.loadgen: Loadgen | None = None
         self.phase = -1
@@ -111,7 +128,6 @@ class Harness:
         self.exclusive = asyncio.Lock()
         self._restarting = asyncio.Lock()
         self._broken: dict[str, int] = {}
-        self._stuck: set[str] = set()
         self._last_check = 0.0
         self._fault_tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -124,10 +140,8 @@ class Harness:
 
     async def run(self) -> None:
         """Set up, run the schedule, the final checks; clean up whatever happens."""
-        original_watches = faults.MAX_USER_WATCHES.read_text()
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self.rig.cleanup)
-            stack.callback(_restore, faults.MAX_USER_WATCHES, original_watches)
             for line in clean_stale():
                 self.ledger.say(f"left by a killed harness: {line}")
             self.rig.setup()
@@ -254,7 +268,7 @@ class Harness:
             self.sinks["feed"] = SinkInfo("feed", "nats", NatsOutput("feed", url))
         if "redis" in self.brokers:
             url = f"redis://{self.brokers['redis'].address}/0"
-            sinks["streams"] = {"type": "redis", "url": url, "timeout": 3, "maxlen": 1_000_000}
+            sinks["streams"] = {"type": "redis", "url": url, "timeout": 3, "maxlen": 5_000_000}
             keys = [f"layerwatch:{name}" for name in names] + ["layerwatch:_service"]
             self.sinks["streams"] = SinkInfo("streams", "redis", RedisOutput("streams", url, keys))
         if "kafka" in self.brokers:
@@ -425,25 +439,33 @@ class Harness:
             return await self._start(why)
 
     async def _start(self, why: str) -> bool:
+        """Start the service; a start that fails is tried once more (a supervisor would),
+        and a second failure aborts the run."""
         names = [spec.name for spec in self.rig.mounts]
-        took = await self.service.start(self.profile.ready_timeout, names)
-        self.rig.record(self.service.pid)
-        if took is not None:
-            self.ready_times.append(took)
-        ok = took is not None
-        self.ledger.check(
-            "ready",
-            ok,
-            lambda: (
-                f"run {self.service.runs} ({why}) not ready after "
-                f"{self.profile.ready_timeout:g}s (alive: {self.service.alive()}): "
-                f"{self.service.stderr_tail()}"
-            ),
-        )
-        if not ok:
-            self.aborted = f"the service did not start ({why}); see `ready`"
+        for attempt in (1, 2):
+            took = await self.service.start(self.profile.ready_timeout, names)
+            self.rig.record(self.service.pid)
+            if took is not None:
+                self.ledger.held("ready")
+                self.ready_times.append(took)
+                return True
+            run, status = self.service.runs, self.service.proc and self.service.proc.poll()
+            self.ledger.check(
+                "ready",
+                False,
+                f"run {run} ({why}"
+                + (", tried again" if attempt == 2 else "")
+                + "): "
+                + (
+                    f"exited with status {status} before its API listed every mount"
+                    if status is not None
+                    else f"its API did not list every mount within {self.profile.ready_timeout:g}s"
+                )
+                + f": {self.service.stderr_tail()}",
+            )
             self.service.kill()
-        return ok
+        self.aborted = f"the service did not start twice ({why}); see `ready`"
+        return False
 
     async def stop_service(self, why: str) -> float:
         """SIGTERM the service and check it stops in time with status 0; the seconds."""
@@ -565,11 +587,21 @@ class Harness:
         except ApiError as exc:
             self.ledger.check("barrier", False, f"{why}: {exc}")
             return
-        diffs = await asyncio.gather(*(_diff(spec) for spec in mounts))
-        fresh = {spec.name: want for spec, want in zip(mounts, diffs, strict=True)}
+        diffs = await asyncio.gather(*(_diff(spec, self.service.command) for spec in mounts))
+        fresh: dict[str, dict[bytes, str]] = {}
         seq = max(int(body["seq"]) for body in bodies)
-        for spec, body in zip(mounts, bodies, strict=True):
-            api, want = _rows(body["changes"]), fresh[spec.name]
+        for spec, body, want in zip(mounts, bodies, diffs, strict=True):
+            if isinstance(want, str):
+                running = self.loadgen is not None and self.loadgen.proc is not None
+                self.ledger.check(
+                    "list_exact",
+                    False,
+                    f"{why}: `layerwatch diff` of {spec.name} failed 3 times (load generator "
+                    f"{'running' if running else 'stopped'}): {want}",
+                )
+                continue
+            fresh[spec.name] = want
+            api = _rows(body["changes"])
             same = api == want
             self.ledger.check(
                 "list_exact",
@@ -583,7 +615,6 @@ class Harness:
             if self._broken.get(name):
                 continue
             if not consumer.caught_up(seq, self.epoch):
-                self._stuck.add(name)
                 inside = ", inside a snapshot" if consumer.snapshots else ""
                 self.ledger.check(
                     "sink_caught_up",
@@ -593,13 +624,12 @@ class Harness:
                     f"{self.epoch})" + self._where(name),
                 )
                 continue
-            self._stuck.discard(name)
             self.ledger.held("sink_caught_up")
             consumer.settle_holes()
             for spec in mounts:
                 got = consumer.list_of(spec.name)
-                if got is None:
-                    continue  # unknown after an announced gap, until its next snapshot
+                if got is None or spec.name not in fresh:
+                    continue  # unknown after an announced gap (until its next snapshot)
                 same = got == fresh[spec.name]
                 self.ledger.check(
                     "sink_replay_exact",
@@ -611,29 +641,34 @@ class Harness:
                 )
         self.ledger.say(
             f"checkpoint ({why}): seq {seq}, "
-            + ", ".join(f"{s.name} {len(fresh[s.name])}" for s in mounts)
+            + ", ".join(f"{name} {len(entries)}" for name, entries in fresh.items())
             + f" entries; {time.monotonic() - started:.1f}s (slowest sink: "
             + f"{self.slowest[0] or '-'} {self.slowest[1]:.1f}s)"
         )
 
     async def _await_sinks(self, seq: int) -> float:
-        """Wait until every sink not broken now reached ``seq`` (a sink stuck at the last
-        checkpoint gets ``STUCK_WAIT``); the seconds waited. ``self.slowest`` is the sink
-        that took longest, and how long."""
+        """Wait until every sink not broken now reached ``seq``; the seconds waited.
+
+        A sink that makes progress is waited for up to the profile's ``catch_up``; once no
+        waiting sink's output has moved for ``STALL`` seconds (wedged, or its events went
+        elsewhere) the wait ends after ``STUCK_WAIT``. ``self.slowest`` is the sink waited for
+        longest, and how long.
+        """
         start = time.monotonic()
         self.slowest = ("", 0.0)
         while True:
+            now = time.monotonic()
+            elapsed = now - start
             waiting = [
                 name
                 for name, consumer in self.consumers.items()
                 if not self._broken.get(name) and not consumer.caught_up(seq, self.epoch)
             ]
-            elapsed = time.monotonic() - start
-            if waiting:
-                self.slowest = (waiting[0], elapsed)
             if not waiting:
                 return elapsed
-            if all(name in self._stuck for name in waiting) and elapsed > STUCK_WAIT:
+            self.slowest = (waiting[0], elapsed)
+            moving = [name for name in waiting if now - self.consumers[name].last_event < STALL]
+            if elapsed > STUCK_WAIT and not moving:
                 return elapsed
             if elapsed > self.profile.catch_up or not self.service.alive():
                 return elapsed
@@ -646,12 +681,6 @@ class Harness:
         return ""
 
 
-def _restore(path: Path, value: str) -> None:
-    with contextlib.suppress(OSError):
-        if path.read_text() != value:
-            path.write_text(value)
-
-
 def _rows(rows: list[dict[str, Any]]) -> dict[bytes, str]:
     """``{path: kind}`` from ``layerwatch diff --json`` rows (or the API's)."""
     return {
@@ -660,21 +689,28 @@ def _rows(rows: list[dict[str, Any]]) -> dict[bytes, str]:
     }
 
 
-async def _diff(spec: MountSpec) -> dict[bytes, str]:
-    """``layerwatch diff`` of the mount, in a subprocess (the way an operator runs it)."""
-    proc = await asyncio.create_subprocess_exec(
-        *spec.diff_argv(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        async with asyncio.timeout(120):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        raise RuntimeError(f"layerwatch diff {spec.name}: {err.decode(errors='replace')}")
-    return _rows(orjson.loads(out))
+async def _diff(spec: MountSpec, layerwatch: str, attempts: int = 3) -> dict[bytes, str] | str:
+    """``layerwatch diff`` of the mount, in a subprocess (the way an operator runs it); the
+    error of the last attempt if every attempt failed."""
+    error = ""
+    for _ in range(attempts):
+        proc = await asyncio.create_subprocess_exec(
+            *spec.diff_argv(layerwatch),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(120):
+                out, err = await proc.communicate()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if proc.returncode == 0:
+            return _rows(orjson.loads(out))
+        error = err.decode(errors="replace").strip()[-500:]
+        await asyncio.sleep(0.5)
+    return error
 
 
 def _difference(got: dict[bytes, str], want: dict[bytes, str], a: str, b: str) -> str:

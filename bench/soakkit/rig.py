@@ -94,12 +94,12 @@ class MountSpec:
     def merged(self) -> Path:
         return self.root / "merged"
 
-    def diff_argv(self) -> list[str]:
+    def diff_argv(self, layerwatch: str = "layerwatch") -> list[str]:
         """``layerwatch diff`` of this mount, the way an operator asks for it."""
         if self.kind == "attached":
-            return ["layerwatch", "diff", "--json", str(self.merged)]
+            return [layerwatch, "diff", "--json", str(self.merged)]
         return [
-            "layerwatch",
+            layerwatch,
             "diff",
             "--json",
             "--upper",

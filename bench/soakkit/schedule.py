@@ -171,9 +171,9 @@ def profile(name: str, seed: int, minutes: float = 30.0) -> Profile:
         kinds = list(FAULTS)
         spacing = 2.0
     else:
-        cycle = 6 * 60.0
+        cycle = 330.0
         cycles = max(1, round(minutes * 60 / cycle))
-        per = [40.0, 60.0, 70.0, 70.0, 70.0, 50.0]  # one cycle: 6 minutes
+        per = [30.0, 100.0, 100.0, 80.0, 12.0, 8.0]  # one cycle: 5.5 minutes of load
         scale = minutes * 60 / (cycles * sum(per))
         prof = Profile(
             name="long",
@@ -184,7 +184,7 @@ def profile(name: str, seed: int, minutes: float = 30.0) -> Profile:
                 for rate, s in zip(_RATES, per, strict=True)
             ],
             check_every=30.0,
-            catch_up=120.0,
+            catch_up=300.0,
             ready_timeout=180.0,
             spool_size="1g",
             spool_max_bytes="640MiB",

@@ -44,6 +44,7 @@ class Service:
         out: where each run's stdout goes (``stdout-N.jsonl``), read by ``stdout``.
         stdout: the stdout sink's output reader.
         env: the process's environment.
+        command: the ``layerwatch`` executable.
     """
 
     config: Path
@@ -52,6 +53,7 @@ class Service:
     out: Path
     stdout: RunFiles
     env: Mapping[str, str]
+    command: str = "layerwatch"
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
     expected_down: bool = True
@@ -94,7 +96,7 @@ class Service:
     def _spawn(self, stdout_file: Path) -> subprocess.Popen[bytes]:
         with stdout_file.open("wb") as out, self.stderr_path().open("wb") as err:
             return subprocess.Popen(
-                ["layerwatch", "run", str(self.config)],
+                [self.command, "run", str(self.config)],
                 stdout=out,
                 stderr=err,
                 env=dict(self.env),

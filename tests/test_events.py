@@ -24,10 +24,10 @@ import orjson
 import pytest
 from overlay import LayerEntry, build_layer, requires_overlay, unmount
 
-from watcher.delivery.schemas import SCHEMA_FILES, schema_for
 from watcher.cli.main import service_for
 from watcher.core.mounts import find_mount
 from watcher.delivery.events import BOOKMARK, CHANGE, GAP, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.delivery.schemas import SCHEMA_FILES, schema_for
 from watcher.service import config
 from watcher.service.service import Service
 

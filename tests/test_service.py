@@ -29,10 +29,10 @@ import orjson
 import pytest
 from overlay import LayerEntry, build_layer, mount_overlay, requires_overlay, unmount
 
-from watcher.delivery.schemas import schema_for
 from watcher.core.mounts import find_mount
 from watcher.core.rules import compute
 from watcher.delivery.events import BOOKMARK, CHANGE, RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
+from watcher.delivery.schemas import schema_for
 from watcher.service.config import parse
 from watcher.service.service import Service
 

@@ -318,7 +318,8 @@ class NatsSink:
         """Queue protocol ``commands`` (``HPUB``s) in the client and wake its flusher.
 
         The checks are those of ``nc.publish``; the two calls are the client's own way to
-        queue and flush a command (private in nats-py, unchanged since 2.0).
+        queue and flush a command (private in nats-py, the same from 2.6 to 2.16, hence the
+        pin ``nats-py<3``).
         """
         if nc.is_closed:
             raise nats.errors.ConnectionClosedError

@@ -349,20 +349,20 @@ def pod(images: deploykit.Images) -> Iterator[Pod]:
         images.load(daemon)
         deploykit.workload_image(daemon, WORKLOAD, CASES["lower"])
         # The pod's network namespace (a sandbox, as the kubelet makes one), shared with NATS.
+        sandbox = f"{POD_NAME}-sandbox"
         daemon.docker(
-            "run", "-d", "--pull=never", "--name", f"{POD_NAME}-sandbox", "--network=none",
+            "run", "-d", "--pull=never", "--name", sandbox, "--network=none",
             f"--hostname={POD_NAME}", f"--add-host={nats_host}:127.0.0.1",
             WORKLOAD, "/bin/sleep", "100000",
         )  # fmt: skip
-        netns_pid = deploykit.container_pid(daemon, f"{POD_NAME}-sandbox")
+        netns_pid = deploykit.container_pid(daemon, sandbox)
         daemon.docker(
-            "run", "-d", "--pull=never", "--name", "nats", f"--network=container:{POD_NAME}-sandbox",
+            "run", "-d", "--pull=never", "--name", "nats", f"--network=container:{sandbox}",
             "--mount", "type=volume,source=nats-data,target=/data", deploykit.NATS_TAG,
             "--jetstream", "--store_dir", "/data", "--addr", "127.0.0.1", "--port", str(NATS_PORT),
         )  # fmt: skip
         _until("nats-server", lambda: _nats_answers(netns_pid))
         sources = prepare_volumes(node, spec, config_map)
-        sandbox = f"{POD_NAME}-sandbox"
         init_args = docker_run_args(spec, init, sources, sandbox)
         proc = daemon.call("run", "--rm", "--name", f"{POD_NAME}-init", *init_args)
         assert proc.returncode == 0, f"init container: {proc.stderr.decode()}"

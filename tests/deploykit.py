@@ -75,6 +75,20 @@ RUN apt-get update && apt-get install -y --no-install-recommends nats-server \\
     && rm -rf /var/lib/apt/lists/*
 ENTRYPOINT ["/usr/sbin/nats-server"]
 """
+SYSTEMD_TAG = "layerwatch-ci/systemd-host:bookworm"
+# A Debian 12 host with systemd as PID 1 and layerwatch installed as docs/operations.md says
+# (the venv at /opt/layerwatch is the image's, made by the same pip commands), plus Debian's
+# nats-server for the example config's NATS sink.
+SYSTEMD_CONTAINERFILE = f"""\
+FROM {IMAGE_TAG}
+RUN apt-get update && apt-get install -y --no-install-recommends systemd nats-server \\
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
+RUN ln -s /opt/layerwatch/bin/layerwatch /usr/local/bin/layerwatch
+ENV container=docker
+STOPSIGNAL SIGRTMIN+3
+ENTRYPOINT ["/lib/systemd/systemd"]
+CMD []
+"""
 # Everything the Containerfile copies (after .dockerignore), for the cache key.
 IMAGE_INPUTS = (
     "deploy/Containerfile",
@@ -432,11 +446,12 @@ class Images:
 
     layerwatch: Path
     nats: Path
+    systemd: Path
     info: dict[str, Any]
 
-    def load(self, daemon: Dockerd) -> None:
-        """Load both images into ``daemon`` (tagged ``IMAGE_TAG`` and ``NATS_TAG``)."""
-        for tar in (self.layerwatch, self.nats):
+    def load(self, daemon: Dockerd, *, systemd: bool = False) -> None:
+        """Load the images into ``daemon`` (``IMAGE_TAG``, ``NATS_TAG``; ``SYSTEMD_TAG``)."""
+        for tar in (self.layerwatch, self.nats, *([self.systemd] if systemd else [])):
             daemon.docker("load", "-q", "-i", str(tar), timeout=300)
 
 
@@ -586,9 +601,14 @@ def ensure_images() -> Images:
     nats_key = _digest(base.name.encode(), NATS_CONTAINERFILE.encode())
     images = CACHE / "images"
     meta = images / f"layerwatch-{key}.json"
-    found = Images(images / f"layerwatch-{key}.tar", images / f"nats-{nats_key}.tar", {})
-    if meta.is_file() and found.layerwatch.is_file() and found.nats.is_file():
-        return Images(found.layerwatch, found.nats, json.loads(meta.read_text()))
+    found = Images(
+        images / f"layerwatch-{key}.tar",
+        images / f"nats-{nats_key}.tar",
+        images / f"systemd-{_digest(key.encode(), SYSTEMD_CONTAINERFILE.encode())}.tar",
+        {},
+    )
+    if meta.is_file() and all(p.is_file() for p in (found.layerwatch, found.nats, found.systemd)):
+        return Images(found.layerwatch, found.nats, found.systemd, json.loads(meta.read_text()))
     images.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     wheels = wheelhouse()
@@ -609,12 +629,17 @@ def ensure_images() -> Images:
         )  # fmt: skip
         info["build_seconds"] = round(time.monotonic() - build_started, 1)
         _save(daemon, IMAGE_TAG, found.layerwatch)
-        if not found.nats.is_file():
-            with tempfile.TemporaryDirectory(prefix="lw-nats-") as context:
-                (Path(context) / "Containerfile").write_text(NATS_CONTAINERFILE)
+        for recipe, tag, tar in (
+            (NATS_CONTAINERFILE, NATS_TAG, found.nats),
+            (SYSTEMD_CONTAINERFILE, SYSTEMD_TAG, found.systemd),
+        ):
+            if tar.is_file():
+                continue
+            with tempfile.TemporaryDirectory(prefix="lw-ctx-") as context:
+                (Path(context) / "Containerfile").write_text(recipe)
                 daemon.docker("build", "--network=host", "-q", "-f", f"{context}/Containerfile",
-                              "-t", NATS_TAG, context, timeout=1800)  # fmt: skip
-            _save(daemon, NATS_TAG, found.nats)
+                              "-t", tag, context, timeout=1800)  # fmt: skip
+            _save(daemon, tag, tar)
         inspect = json.loads(daemon.docker("image", "inspect", IMAGE_TAG, BASE_TAG))
         info["image_bytes"], info["base_bytes"] = (i["Size"] for i in inspect)
         info["history"] = daemon.docker(
@@ -624,12 +649,12 @@ def ensure_images() -> Images:
     info["total_seconds"] = round(time.monotonic() - started, 1)
     meta.write_text(json.dumps(info, indent=1))
     _prune(images)
-    return Images(found.layerwatch, found.nats, info)
+    return Images(found.layerwatch, found.nats, found.systemd, info)
 
 
 def _prune(images: Path) -> None:
     """Keep the two newest saved images of each kind (the disk is not endless)."""
-    for kind in ("layerwatch", "nats"):
+    for kind in ("layerwatch", "nats", "systemd"):
         tars = sorted(images.glob(f"{kind}-*.tar"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in tars[2:]:
             old.unlink(missing_ok=True)

@@ -85,6 +85,59 @@ def test_unit_runs_the_service_with_mounts_visible_to_the_host() -> None:
     assert service["StateDirectory"] == "layerwatch"
     assert not [key for key in service if key in NAMESPACING]
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+    # systemctl reload = SIGHUP (sinks reopen), with the shell's kill: /bin/kill may be absent.
+    assert service["ExecReload"] == """/bin/sh -c 'kill -HUP "$MAINPID"'"""
+    assert int(service["TimeoutStopSec"].removesuffix("s")) > 10  # shutdown_timeout's default
+
+
+# The unit's sandboxing settings: each is listed in the operations guide with what it forbids.
+HARDENING = (
+    "CapabilityBoundingSet",
+    "NoNewPrivileges",
+    "UMask",
+    "RestrictNamespaces",
+    "RestrictRealtime",
+    "RestrictSUIDSGID",
+    "LockPersonality",
+    "MemoryDenyWriteExecute",
+    "ProtectHostname",
+    "ProtectClock",
+    "DevicePolicy",
+    "DeviceAllow",
+    "SystemCallArchitectures",
+    "SystemCallFilter",
+    "SystemCallErrorNumber",
+    "RestrictAddressFamilies",
+)
+
+
+def test_unit_hardening_is_each_listed_in_the_operations_guide() -> None:
+    """Every hardening setting of the unit has a row in docs/operations.md's table, and the
+    unit has no sandboxing setting the table does not explain."""
+    service = _unit()["Service"]
+    guide = (REPO / "docs" / "operations.md").read_text()
+    rows = set(re.findall(r"^\| `(\w+)=", guide, re.MULTILINE))
+    assert set(HARDENING) <= service.keys()
+    assert set(HARDENING) <= rows, set(HARDENING) - rows
+    sandboxing = {k for k in service if k.startswith(("Restrict", "Protect", "Private", "Lock"))}
+    assert sandboxing <= set(HARDENING), sandboxing - set(HARDENING)
+
+
+def test_unit_exposure_per_systemd_analyze_security() -> None:
+    """`systemd-analyze security --offline` rates the unit's exposure "OK" (below 5)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed: the unit is not rated")
+    proc = subprocess.run(
+        [analyze, "security", "--offline=yes", str(DEPLOY / "layerwatch.service")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for layerwatch.service: ([\d.]+)", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    print(found.group(0))
+    assert float(found.group(1)) < 5.0
 
 
 def _example() -> Config:

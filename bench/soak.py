@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="the schedule's seed")
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the long profile")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, outputs)")
+    parser.add_argument(
+        "--big", type=int, help="changes in the big mount before the first start (profile's)"
+    )
     parser.add_argument("--plan", action="store_true", help="print the schedule and exit")
     parser.add_argument(
         "--layerwatch",
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     prof = profile(args.profile, args.seed, args.minutes)
+    if args.big is not None:
+        prof.big_entries = args.big
     if args.plan:
         for index, phase in enumerate(prof.phases):
             print(f"phase {index + 1}: {phase.label} for {phase.seconds:g}s")

@@ -241,7 +241,6 @@ class Harness:
                     str(self.orphan_flag),
                     str(self.orphan_pids),
                 ],
-                "timeout": 5,
             },
             "web": {"type": "webhook", "url": self.receiver.url, "timeout": 3},
             "flaky": {

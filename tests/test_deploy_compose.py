@@ -62,7 +62,8 @@ SERVICE_KEYS = {
     "hostname",
 }
 
-pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow]
+# The first test's setup builds the images when CI's step has not (tests/deploykit.py).
+pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _yaml() -> Any:

@@ -64,7 +64,8 @@ WORKLOAD = "layerwatch-ci/workload:busybox"
 NATS_PORT = 4222
 SOCKET = "/run/layerwatch/api.sock"
 
-pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow]
+# The first test's setup builds the images when CI's step has not (tests/deploykit.py).
+pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _yaml() -> Any:

@@ -34,7 +34,8 @@ import pytest
 from deploykit import Dockerd
 from overlay import requires_overlay
 
-pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow]
+# The first test's setup builds the images when CI's step has not (tests/deploykit.py).
+pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
 
 HOST = "lw-host"
 # Capability numbers (linux/capability.h), to give the host every one this machine has.

@@ -377,6 +377,28 @@ def pod(images: deploykit.Images) -> Iterator[Pod]:
         yield running
 
 
+def test_image_answers_help_and_holds_only_what_it_needs(
+    images: deploykit.Images, pod: Pod
+) -> None:
+    """`layerwatch --help` answers through the entry point; no pip, compiler or apt lists in
+    the image, which stays small (its size is printed)."""
+    help_ = pod.daemon.call("run", "--rm", "--pull=never", deploykit.IMAGE_TAG, "--help")
+    assert help_.returncode == 0, help_.stderr.decode()
+    assert help_.stdout.decode().startswith("usage: layerwatch")
+    probe = (
+        "import importlib.util, os, shutil, sys; "
+        "print(importlib.util.find_spec('pip'), shutil.which('gcc'), shutil.which('cc'), "
+        "os.listdir('/var/lib/apt/lists'), sys.prefix)"
+    )
+    found = pod.daemon.docker(
+        "run", "--rm", "--pull=never", "--entrypoint=python3", deploykit.IMAGE_TAG, "-c", probe
+    )  # fmt: skip
+    assert found.split() == ["None", "None", "None", "[]", "/opt/layerwatch"]
+    size = images.info["image_bytes"]
+    print(f"{deploykit.IMAGE_TAG}: {size / 1e6:.1f} MB")
+    assert size < 160e6
+
+
 def test_init_container_renders_the_config_map_with_the_node_name(pod: Pod) -> None:
     """The config the service runs is the ConfigMap's text with ${NODE_NAME} = spec.nodeName."""
     template = pod.config_map["data"]["layerwatch.toml"]

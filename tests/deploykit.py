@@ -27,6 +27,7 @@ between runs on a machine; on a fresh machine everything is built (about 3 minut
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -595,7 +596,17 @@ def _builder() -> Iterator[Dockerd]:
 
 
 def ensure_images() -> Images:
-    """The images for this checkout: from the cache, else built now (any failure raises)."""
+    """The images for this checkout: from the cache, else built now (any failure raises).
+
+    One process at a time (a lock file in the cache): the build daemon's data root is shared.
+    """
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_images()
+
+
+def _ensure_images() -> Images:
     base = base_tar()
     key = image_key(base)
     nats_key = _digest(base.name.encode(), NATS_CONTAINERFILE.encode())

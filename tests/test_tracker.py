@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,82 @@ async def test_restart_misses_no_write_made_right_after_a_directory_is_listed(
         assert (b"/busy/deep/raced", Kind.ADDED) in second.tracker.changes()
         second.check()
     finally:
+        await second.stop()
+
+
+class _VanishingScandir:
+    """``os.scandir`` whose iterator removes the entry named ``victim`` right after listing
+    it, before the caller reads it (a writer unlinking a file while a scan lists its dir)."""
+
+    def __init__(self, real: Callable[..., Any], victim: bytes) -> None:
+        self.real, self.victim, self.vanished = real, victim, 0
+
+    def __call__(self, path: Any) -> Any:
+        scan = self
+
+        class _It:
+            def __init__(self) -> None:
+                self.it = scan.real(path)
+
+            def __enter__(self) -> _It:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                self.it.close()
+
+            def __iter__(self) -> _It:
+                return self
+
+            def __next__(self) -> os.DirEntry[bytes]:
+                entry: os.DirEntry[bytes] = next(self.it)
+                if entry.name == scan.victim:
+                    os.unlink(entry.path)
+                    scan.vanished += 1
+                return entry
+
+        return _It()
+
+
+def test_a_file_removed_while_its_directory_is_listed_is_absent_not_fatal(
+    ovl: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compute() lists a directory whose file vanishes between the listing and its lstat:
+    the file is absent and every other entry is there (the scan does not give up)."""
+    run_ops(ovl.merged, "echo 1 > data/keep; echo 2 > data/victim")  # data/ is in B
+    vanishing = _VanishingScandir(os.scandir, b"victim")
+    monkeypatch.setattr(os, "scandir", vanishing)
+    got = compute(ovl.upper, ovl.lowers)
+    monkeypatch.undo()
+    assert vanishing.vanished == 1
+    assert got == compute(ovl.upper, ovl.lowers)
+    assert (b"/data/keep", Kind.ADDED) in got
+
+
+async def test_restart_keeps_a_directory_whose_file_vanished_during_the_scan(
+    ovl: Overlay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart's rescan meets a file removed while its directory is listed: the other
+    entries of that directory stay in the list (found by the soak: a whole directory's
+    entries went missing for good)."""
+    first = LiveMount("m", ovl.upper, ovl.lowers)
+    await first.start()
+    run_ops(ovl.merged, "echo 1 > data/keep; echo 2 > data/victim")  # data/ is in B
+    await first.sync()
+    persisted = dict(first.tracker.kinds)
+    await first.stop()
+    run_ops(ovl.merged, "echo 3 > data/new")  # made while stopped: only a scan finds it
+    second = LiveMount("m", ovl.upper, ovl.lowers)
+    vanishing = _VanishingScandir(os.scandir, b"victim")
+    monkeypatch.setattr(os, "scandir", vanishing)
+    try:
+        await second.start(persisted)
+        monkeypatch.undo()
+        await second.sync()
+        assert vanishing.vanished == 1
+        assert (b"/data/new", Kind.ADDED) in second.tracker.changes()
+        second.check()
+    finally:
+        monkeypatch.undo()
         await second.stop()
 
 

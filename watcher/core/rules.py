@@ -67,6 +67,14 @@ class Child(NamedTuple):
     ino: int = 0
 
 
+def _entry_stat(dirent: os.DirEntry[bytes]) -> os.stat_result | None:
+    """A listed entry's ``lstat``; None when it was removed since the listing."""
+    try:
+        return dirent.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
 def _mtime_equal(a: int, b: int) -> bool:
     if a == b:
         return True
@@ -102,6 +110,10 @@ class Rules:
     def scan(self, path: bytes, state: DirState) -> list[Child]:
         """Classify every name of the merged directory ``path`` and every name it lost.
 
+        A name that U lists but that is gone by the time it is read (a file removed while
+        the directory is listed) is taken as absent: the directory is listed as it is, and the
+        removal is a hint of its own for whoever watches it.
+
         Raises:
             FileNotFoundError, NotADirectoryError: U no longer has the directory.
         """
@@ -117,7 +129,9 @@ class Rules:
                         if not name.startswith(AUFS_WH + AUFS_WH):
                             whiteouts.add(name[len(AUFS_WH) :])
                         continue
-                    st = dirent.stat(follow_symlinks=False)
+                    st = _entry_stat(dirent)
+                    if st is None:
+                        continue  # removed since the listing
                     if not self.aufs and is_overlay_whiteout(st):
                         whiteouts.add(name)
                     else:
@@ -150,12 +164,10 @@ class Rules:
                 state = None
                 if dirent.is_dir(follow_symlinks=False):
                     state = DirState(None, self._redirect(self.upper + child, None), True)
-                elif (
-                    not self.aufs
-                    and not dirent.is_file(follow_symlinks=False)
-                    and is_overlay_whiteout(dirent.stat(follow_symlinks=False))
-                ):
-                    continue
+                elif not self.aufs and not dirent.is_file(follow_symlinks=False):
+                    st = _entry_stat(dirent)
+                    if st is None or is_overlay_whiteout(st):
+                        continue  # removed since the listing, or a whiteout
                 children.append(Child(child, Kind.ADDED, state, None, dirent.inode()))
         return children
 

@@ -75,8 +75,7 @@ class Publisher:
         first = self.next_seq
         self.next_seq += len(flat)
         records = [
-            self.encode_one(seq, mount, item, now=now)
-            for seq, item in enumerate(flat, start=first)
+            self.encode_one(seq, mount, item, now=now) for seq, item in enumerate(flat, start=first)
         ]
         for item in flat:
             if isinstance(item, Control) and item.type == RESYNC:

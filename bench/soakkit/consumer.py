@@ -145,7 +145,7 @@ class Consumer:
             if len(self._order) > RECENT:
                 self._recent.discard(self._order.popleft())
         if self.next_seq is not None and seq < self.next_seq:
-            if recent or (known and same and not self.allowances):
+            if same and (recent or (known and not self.allowances)):
                 self.duplicates += 1  # a re-send of what this sink delivered before
                 return
             if self.allowances > 0:  # the first event of a new spool (the harness deleted it)

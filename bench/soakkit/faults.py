@@ -123,6 +123,7 @@ async def _broker_kill(h: Harness, planned: Planned) -> None:
         h.ledger.fault(planned.fault.kind, f"skipped: no {name} server")
         return
     h.ledger.fault(planned.fault.kind)
+    h.keep_load(planned, planned.fault.seconds)
     server.kill()
     try:
         await asyncio.sleep(planned.fault.seconds)
@@ -132,12 +133,15 @@ async def _broker_kill(h: Harness, planned: Planned) -> None:
 
 
 async def _webhook(h: Harness, planned: Planned) -> None:
-    h.ledger.fault(planned.fault.kind)
-    h.receiver.mode = planned.fault.kind.removeprefix("webhook_")
+    mode = planned.fault.kind.removeprefix("webhook_")
+    before = h.receiver.answers.get(mode, 0)
+    h.keep_load(planned, planned.fault.seconds)
+    h.receiver.mode = mode
     try:
         await asyncio.sleep(planned.fault.seconds)
     finally:
         h.receiver.mode = "ok"
+    h.ledger.fault(planned.fault.kind, f"{h.receiver.answers.get(mode, 0) - before} answered so")
 
 
 async def _spool_full(h: Harness, planned: Planned) -> None:
@@ -201,23 +205,35 @@ async def _spool_deleted(h: Harness, planned: Planned) -> None:
 
 
 async def _sink_raises(h: Harness, planned: Planned) -> None:
-    h.ledger.fault("sink_raises")
+    failed = len(h.service.log_events("sink_send_failed"))
+    h.keep_load(planned, planned.fault.seconds)
     h.fault_trigger.touch()
     try:
         await asyncio.sleep(planned.fault.seconds)
     finally:
         with contextlib.suppress(FileNotFoundError):
             h.fault_trigger.unlink()
+    failed = len(h.service.log_events("sink_send_failed")) - failed
+    h.ledger.fault("sink_raises", f"{failed} failed send(s) logged")
 
 
 async def _exec_orphan(h: Harness, planned: Planned) -> None:
-    h.ledger.fault("exec_orphan")
+    left = _orphans(h.orphan_pids)
+    h.keep_load(planned, planned.fault.seconds)
     h.orphan_flag.touch()
     try:
         await asyncio.sleep(planned.fault.seconds)
     finally:
         with contextlib.suppress(FileNotFoundError):
             h.orphan_flag.unlink()
+    h.ledger.fault("exec_orphan", f"{_orphans(h.orphan_pids) - left} child(ren) left behind")
+
+
+def _orphans(pid_file: Path) -> int:
+    try:
+        return len(pid_file.read_text().split())
+    except FileNotFoundError:
+        return 0
 
 
 def kill_orphans(pid_file: Path) -> int:

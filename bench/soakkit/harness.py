@@ -128,6 +128,7 @@ class Harness:
         self.exclusive = asyncio.Lock()
         self._restarting = asyncio.Lock()
         self._broken: dict[str, int] = {}
+        self._behind: set[str] = set()
         self._last_check = 0.0
         self._fault_tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -161,7 +162,7 @@ class Harness:
             stack.callback(faults.kill_orphans, self.orphan_pids)
             stack.push_async_callback(self.service.close)
             loaded = [spec.merged for spec in self.rig.mounts if spec.loaded]
-            self.loadgen = Loadgen(binary, loaded, self.seed)
+            self.loadgen = Loadgen(binary, loaded, self.seed, record=self.rig.record)
             stack.callback(self.loadgen.kill)
             ticker = asyncio.create_task(self._tick())
             stack.callback(ticker.cancel)
@@ -404,7 +405,7 @@ class Harness:
         end if need be)."""
         assert self.loadgen is not None
         self._load_until = max(self._load_until, time.monotonic() + seconds)
-        if self.loadgen.proc is None and planned.phase == self.phase:
+        if self.loadgen.run is None and planned.phase == self.phase:
             self.start_load(planned.phase)
         loop = asyncio.get_running_loop()
         loop.call_at(loop.time() + seconds, self._end_load)
@@ -420,7 +421,6 @@ class Harness:
         assert self.loadgen is not None
         if time.monotonic() < self._load_until:
             self.loadgen.start(self.profile.phases[phase].rate)
-            self.rig.record(self.loadgen.proc.pid if self.loadgen.proc else None)
 
     def stop_load(self) -> None:
         """Stop the load generator; its run counts for the current phase."""
@@ -614,6 +614,7 @@ class Harness:
             if self._broken.get(name):
                 continue
             if not consumer.caught_up(seq, self.epoch):
+                self._behind.add(name)
                 inside = ", inside a snapshot" if consumer.snapshots else ""
                 self.ledger.check(
                     "sink_caught_up",
@@ -623,6 +624,7 @@ class Harness:
                     f"{self.epoch})" + self._where(name),
                 )
                 continue
+            self._behind.discard(name)
             self.ledger.held("sink_caught_up")
             consumer.settle_holes()
             for spec in mounts:
@@ -650,7 +652,9 @@ class Harness:
 
         A sink that makes progress is waited for up to the profile's ``catch_up``; once no
         waiting sink's output has moved for ``STALL`` seconds (wedged, or its events went
-        elsewhere) the wait ends after ``STUCK_WAIT``. ``self.slowest`` is the sink waited for
+        elsewhere) the wait ends after ``STUCK_WAIT``. A sink that did not catch up at the
+        last checkpoint is not waited for past ``STUCK_WAIT`` (one broken sink must not make
+        every checkpoint wait the whole ``catch_up``). ``self.slowest`` is the sink waited for
         longest, and how long.
         """
         start = time.monotonic()
@@ -666,7 +670,11 @@ class Harness:
             if not waiting:
                 return elapsed
             self.slowest = (waiting[0], elapsed)
-            moving = [name for name in waiting if now - self.consumers[name].last_event < STALL]
+            moving = [
+                name
+                for name in waiting
+                if now - self.consumers[name].last_event < STALL and name not in self._behind
+            ]
             if elapsed > STUCK_WAIT and not moving:
                 return elapsed
             if elapsed > self.profile.catch_up or not self.service.alive():

@@ -1,8 +1,9 @@
 """The load generator: ``bench/loadgen.c`` compiled at start into the harness's temp dir and
 run in its own process in ``soak`` mode, writing through the merged views at a target rate.
 
-The harness pauses it (SIGSTOP) around each checkpoint; the time paused is not counted when
-the achieved rate is computed, and the generator does not burst to catch up afterwards.
+The harness holds it (SIGSTOP) around each checkpoint; the time it is stopped is not counted
+when the achieved rate is computed, the generator does not burst to catch up afterwards, and a
+process asked for during a hold starts only when the hold ends.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,37 +48,64 @@ class Loadgen:
         binary: the compiled generator.
         roots: the merged views it writes through.
         seed: the run's seed; each process gets its own stream from it.
+        record: called with each process's pid (for the clean-up of a SIGKILLed harness).
     """
 
     binary: Path
     roots: Sequence[Path]
     seed: int
+    record: Callable[[int], None] | None = None
     proc: subprocess.Popen[str] | None = None
     run: Run | None = None
     runs: int = 0
+    holds: int = 0
     _paused_at: float | None = None
+    _pending: bool = False
     history: list[Run] = field(default_factory=list)
 
     def start(self, rate: float | None) -> None:
         """Start a process at ``rate`` ops/s over all roots (0: flat out; None: idle, no
-        process)."""
+        process). While the generator is held (a checkpoint), the process starts only once
+        the hold ends: nothing may write during a checkpoint."""
         self.stop()
         self.run = Run(rate)
         if rate is None:
             return
+        if self.holds:
+            self._pending = True
+        else:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        assert self.run is not None
+        assert self.run.rate is not None
         self.runs += 1
-        argv = [str(self.binary), "soak", str(self.seed * 10_000 + self.runs), f"{rate:g}"]
+        argv = [str(self.binary), "soak", str(self.seed * 10_000 + self.runs), f"{self.run.rate:g}"]
         argv += [os.fspath(root) for root in self.roots]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        if self.record is not None:
+            self.record(self.proc.pid)
 
     def pause(self) -> None:
-        """SIGSTOP the process (a checkpoint)."""
-        if self.proc is not None and self.proc.poll() is None and self._paused_at is None:
+        """Hold the generator: SIGSTOP its process (a checkpoint); holds nest."""
+        self.holds += 1
+        if self.holds == 1 and self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGSTOP)
             self._paused_at = time.monotonic()
 
     def resume(self) -> None:
-        """SIGCONT it."""
+        """End one hold; after the last, SIGCONT (or start the process asked for meanwhile)."""
+        if not self.holds:
+            return
+        self.holds -= 1
+        if self.holds == 0:
+            self._release()
+            if self._pending and self.run is not None:
+                self._pending = False
+                self._spawn()
+
+    def _release(self) -> None:
+        """Let a stopped process run again, counting the time it was stopped."""
         if self._paused_at is not None:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGCONT)
@@ -86,8 +114,10 @@ class Loadgen:
             self._paused_at = None
 
     def stop(self) -> Run | None:
-        """End the process; its run (ops, seconds, paused) is kept in ``history``."""
-        self.resume()
+        """End the process; its run (ops, seconds, paused) is kept in ``history``. A hold
+        in force stays in force for the next process."""
+        self._release()
+        self._pending = False
         run, proc = self.run, self.proc
         self.run, self.proc = None, None
         if proc is not None:

@@ -13,19 +13,17 @@ sink's replayed lists with the same diffs.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO
-
-import orjson
+from typing import Final, TextIO
 
 from soakkit import brokers, faults
 from soakkit.consumer import Consumer, Ids
 from soakkit.invariants import Ledger
+from soakkit.lists import diff, difference, rows
 from soakkit.loadgen import Loadgen, Run, compile_loadgen
 from soakkit.outputs import (
     BatchDir,
@@ -37,7 +35,7 @@ from soakkit.outputs import (
     RunFiles,
 )
 from soakkit.receiver import Receiver
-from soakkit.rig import MountSpec, Rig, clean_stale, write_plugin
+from soakkit.rig import Rig, clean_stale, write_plugin
 from soakkit.schedule import Planned, Profile
 from soakkit.service import ApiError, Service
 from watcher.testing import ServerProcess
@@ -586,7 +584,7 @@ class Harness:
         except ApiError as exc:
             self.ledger.check("barrier", False, f"{why}: {exc}")
             return
-        diffs = await asyncio.gather(*(_diff(spec, self.service.command) for spec in mounts))
+        diffs = await asyncio.gather(*(diff(spec, self.service.command) for spec in mounts))
         fresh: dict[str, dict[bytes, str]] = {}
         seq = max(int(body["seq"]) for body in bodies)
         for spec, body, want in zip(mounts, bodies, diffs, strict=True):
@@ -600,14 +598,14 @@ class Harness:
                 )
                 continue
             fresh[spec.name] = want
-            api = _rows(body["changes"])
+            api = rows(body["changes"])
             same = api == want
             self.ledger.check(
                 "list_exact",
                 same,
                 ""
                 if same
-                else f"{why}: mount {spec.name}: " + _difference(api, want, "API", "diff"),
+                else f"{why}: mount {spec.name}: " + difference(api, want, "API", "diff"),
             )
         waited = await self._await_sinks(seq)
         for name, consumer in self.consumers.items():
@@ -638,7 +636,7 @@ class Harness:
                     ""
                     if same
                     else f"{why}: sink {name}, mount {spec.name}: "
-                    + _difference(got, fresh[spec.name], "replay", "diff"),
+                    + difference(got, fresh[spec.name], "replay", "diff"),
                 )
         self.ledger.say(
             f"checkpoint ({why}): seq {seq}, "
@@ -686,51 +684,3 @@ class Harness:
             exists = self.audit_path.exists()
             return f"; {self.audit_path} {'exists' if exists else 'does not exist'}"
         return ""
-
-
-def _rows(rows: list[dict[str, Any]]) -> dict[bytes, str]:
-    """``{path: kind}`` from ``layerwatch diff --json`` rows (or the API's)."""
-    return {
-        (row["path"].encode() if "path" in row else base64.b64decode(row["path_b64"])): row["kind"]
-        for row in rows
-    }
-
-
-async def _diff(spec: MountSpec, layerwatch: str, attempts: int = 3) -> dict[bytes, str] | str:
-    """``layerwatch diff`` of the mount, in a subprocess (the way an operator runs it); the
-    error of the last attempt if every attempt failed."""
-    error = ""
-    for _ in range(attempts):
-        proc = await asyncio.create_subprocess_exec(
-            *spec.diff_argv(layerwatch),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(120):
-                out, err = await proc.communicate()
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        if proc.returncode == 0:
-            return _rows(orjson.loads(out))
-        error = err.decode(errors="replace").strip()[-500:]
-        await asyncio.sleep(0.5)
-    return error
-
-
-def _difference(got: dict[bytes, str], want: dict[bytes, str], a: str, b: str) -> str:
-    """What differs between two lists, with the first few paths."""
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    wrong = sorted(p for p in set(got) & set(want) if got[p] != want[p])
-    parts = [f"{a} has {len(got)} entries, {b} {len(want)}"]
-    if missing:
-        parts.append(f"{len(missing)} missing from {a} (e.g. {want[missing[0]]} {missing[0]!r})")
-    if extra:
-        parts.append(f"{len(extra)} only in {a} (e.g. {got[extra[0]]} {extra[0]!r})")
-    if wrong:
-        p = wrong[0]
-        parts.append(f"{len(wrong)} with another kind (e.g. {p!r}: {got[p]} vs {want[p]})")
-    return "; ".join(parts)

@@ -520,3 +520,24 @@ def test_epoch_is_kept_and_a_new_spool_gets_a_new_one(spool_path: Path) -> None:
     with Spool(spool_path) as spool:
         assert spool.last_seq == 0
         assert spool.epoch > first
+
+
+async def test_intake_keeps_records_of_a_cancelled_put_in_order(spool_path: Path) -> None:
+    """A put cancelled while it waits (the intake busy) has queued its records already: the
+    sequence the publisher numbered has no hole, and the next put continues it."""
+    from watcher.delivery.intake import Intake
+
+    with Spool(spool_path) as spool:
+        intake = Intake(spool)
+        async with intake._changed:  # the writer holds the intake for a moment
+            put = asyncio.create_task(intake.put(batch(1, 2), {}))
+            await asyncio.sleep(0)
+            put.cancel()
+        await asyncio.wait({put})
+        await intake.put(batch(3, 1), {})
+        writer = asyncio.create_task(intake.run())
+        async with asyncio.timeout(5):
+            await intake.flush()
+        writer.cancel()
+        await asyncio.wait({writer})
+        assert [r.seq for r in spool.read(0, 10)] == [1, 2, 3]

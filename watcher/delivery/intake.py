@@ -55,10 +55,15 @@ class Intake:
     async def put(
         self, records: list[Record], lists: Mapping[str, Mapping[bytes, Kind | None]]
     ) -> None:
-        """The publisher's outlet: queue records (and list updates) for the next commit."""
+        """The publisher's outlet: queue records (and list updates) for the next commit.
+
+        The records are queued at once, before any wait, so they keep the order in which the
+        publisher numbered them even if the caller is cancelled while it waits (only the
+        backpressure wait is cancelled, never the records).
+        """
+        self._pending.extend(records)
+        _merge(self._lists, lists)
         async with self._changed:
-            self._pending.extend(records)
-            _merge(self._lists, lists)
             self._changed.notify_all()
             await self._changed.wait_for(lambda: len(self._pending) < self._max_pending)
 

@@ -73,10 +73,10 @@ class Publisher:
         flat = list(expand(items))
         now = time.time()
         first = self.next_seq
-        self.next_seq += len(flat)
         records = [
             self.encode_one(seq, mount, item, now=now) for seq, item in enumerate(flat, start=first)
         ]
+        self.next_seq += len(flat)  # only once they are encoded: a failure leaves no hole
         for item in flat:
             if isinstance(item, Control) and item.type == RESYNC:
                 reason = str(item.data.get("reason"))

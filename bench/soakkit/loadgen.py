@@ -61,6 +61,7 @@ class Loadgen:
     holds: int = 0
     _paused_at: float | None = None
     _pending: bool = False
+    _ending: list[tuple[subprocess.Popen[str], Run, float]] = field(default_factory=list)
     history: list[Run] = field(default_factory=list)
 
     def start(self, rate: float | None) -> None:
@@ -105,39 +106,60 @@ class Loadgen:
                 self._spawn()
 
     def _release(self) -> None:
-        """Let a stopped process run again, counting the time it was stopped."""
+        """Let a stopped process run again, counting the time it was stopped; let the ones
+        stopped during the hold end now."""
+        now = time.monotonic()
         if self._paused_at is not None:
             if self.proc is not None and self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGCONT)
             if self.run is not None:
-                self.run.paused += time.monotonic() - self._paused_at
+                self.run.paused += now - self._paused_at
             self._paused_at = None
+        ending, self._ending = self._ending, []
+        for proc, run, since in ending:
+            run.paused += now - since
+            proc.send_signal(signal.SIGCONT)
+            _reap(proc, run)
 
     def stop(self) -> Run | None:
         """End the process; its run (ops, seconds, paused) is kept in ``history``. A hold
-        in force stays in force for the next process."""
-        self._release()
+        in force stays in force for the next process, and a held process only gets SIGTERM:
+        it ends when the hold does (resumed now, it could finish the operation it was
+        stopped in while a checkpoint still runs)."""
         self._pending = False
         run, proc = self.run, self.proc
         self.run, self.proc = None, None
         if proc is not None:
             proc.terminate()
-            try:
-                out, _ = proc.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                out, _ = proc.communicate(timeout=10)
-            if run is not None and out.strip():
-                result = json.loads(out.strip().splitlines()[-1])
-                run.ops, run.seconds = int(result["ops"]), float(result["seconds"])
+            if self._paused_at is not None and run is not None:
+                self._ending.append((proc, run, self._paused_at))
+                self._paused_at = None
+            else:
+                _reap(proc, run)
         if run is not None:
             self.history.append(run)
         return run
 
     def kill(self) -> None:
-        """Clean-up: SIGKILL the process if there is one."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+        """Clean-up: SIGKILL every process there is."""
+        procs = [proc for proc, _, _ in self._ending]
+        if self.proc is not None:
+            procs.append(self.proc)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait(10)
+        self.proc, self._ending = None, []
+
+
+def _reap(proc: subprocess.Popen[str], run: Run | None) -> None:
+    """Wait for an ended process; its ops and seconds go into ``run``."""
+    try:
+        out, _ = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=10)
+    if run is not None and out.strip():
+        result = json.loads(out.strip().splitlines()[-1])
+        run.ops, run.seconds = int(result["ops"]), float(result["seconds"])

@@ -361,7 +361,7 @@ async def test_events_valid_against_schema(live: LiveMount, ovl: Overlay) -> Non
     )
     os.mkdir(os.path.join(os.fsencode(ovl.merged), b"\xff"))
     await live.sync()
-    await live.hub.attach(live.tracker, live.tracker.resync("overflow"))
+    await live._publish(live.tracker.mount, live.tracker.resync("overflow"))
     publisher = Publisher(lambda records, lists: _noop(), host="h")
     records = publisher.encode("m", live.items)
     assert {r.type for r in records} >= {"io.layerwatch.change", RESYNC, SNAPSHOT_BEGIN}

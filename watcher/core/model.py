@@ -130,7 +130,7 @@ def expand(items: Iterable[Item]) -> Iterator[Transition | Control]:
     that holds them anyway; publish big ones chunk by chunk instead)."""
     for item in items:
         if isinstance(item, SnapshotEntries):
-            for chunk in item.chunks(4096):
+            for chunk in item.chunks(max(len(item), 1)):
                 yield from chunk
         else:
             yield item

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from watcher.core.model import RESYNC, Control, Item, Kind, Transition, expand
@@ -21,7 +21,7 @@ Outlet = Callable[[list[Record], Mapping[str, Mapping[bytes, Kind | None]]], Awa
 """Takes encoded records plus the change-list updates of the same batch, per mount."""
 
 
-def list_updates(items: list[Item]) -> dict[bytes, Kind | None]:
+def list_updates(items: Sequence[Item]) -> dict[bytes, Kind | None]:
     """The change-list entries that ``items`` set (None: removed)."""
     updates: dict[bytes, Kind | None] = {}
     for item in expand(items):
@@ -68,28 +68,32 @@ class Publisher:
         """The sequence number of the last event published (0 before any)."""
         return self.next_seq - 1
 
-    def encode(self, mount: str, items: list[Item]) -> list[Record]:
+    def encode(self, mount: str, items: Sequence[Item]) -> list[Record]:
         """Number and encode ``items`` of ``mount`` (counting the resyncs among them)."""
-        flat = list(expand(items))
         now = time.time()
-        first = self.next_seq
-        records = [
-            self.encode_one(seq, mount, item, now=now) for seq, item in enumerate(flat, start=first)
-        ]
-        self.next_seq += len(flat)  # only once they are encoded: a failure leaves no hole
-        for item in flat:
-            if isinstance(item, Control) and item.type == RESYNC:
-                reason = str(item.data.get("reason"))
-                self.resyncs[reason] = self.resyncs.get(reason, 0) + 1
+        labels = self.labels.get(mount)
+        encoder = self.encoder
+        records = []
+        resyncs: list[str] = []
+        for seq, item in enumerate(expand(items), start=self.next_seq):
+            if isinstance(item, Transition):
+                records.append(encoder.change(seq, mount, item, now=now, labels=labels))
+                continue
+            if item.type == RESYNC:
+                resyncs.append(str(item.data.get("reason")))
+            records.append(
+                encoder.control(seq, mount, item.type, item.data, now=now, labels=labels)
+            )
+        self.next_seq += len(records)  # only once they are encoded: a failure leaves no hole
+        for reason in resyncs:
+            self.resyncs[reason] = self.resyncs.get(reason, 0) + 1
         return records
 
-    def encode_one(
-        self, seq: int, mount: str, item: Transition | Control, *, now: float | None = None
-    ) -> Record:
+    def encode_one(self, seq: int, mount: str, item: Transition | Control) -> Record:
         """Encode ``item`` as ``mount``'s event at ``seq``, without numbering it (a
         synthesized snapshot reuses the head's number)."""
-        now = time.time() if now is None else now
         labels = self.labels.get(mount)
+        now = time.time()
         if isinstance(item, Transition):
             return self.encoder.change(seq, mount, item, now=now, labels=labels)
         return self.encoder.control(seq, mount, item.type, item.data, now=now, labels=labels)
@@ -98,8 +102,9 @@ class Publisher:
         """The hub's ``publish``: encode and hand over one mount's items."""
         if not items:
             return
-        records = self.encode(mount, items)
-        await self._outlet(records, {mount: list_updates(items)})
+        flat = list(expand(items))  # a snapshot's entries are read once, for both
+        records = self.encode(mount, flat)
+        await self._outlet(records, {mount: list_updates(flat)})
         self.published += len(records)
 
     async def control(self, type_: str, data: Mapping[str, Any], mount: str = "") -> None:

@@ -177,20 +177,16 @@ class Hub(WatchOps):
         """Watches held for all mounts."""
         return len(self._owners)
 
-    async def attach(self, tracker: Tracker, items: list[Item]) -> None:
-        """Register a started tracker and publish its first items (its snapshot)."""
-        self.trackers[tracker.mount] = tracker
-        await self._publish(tracker.mount, items)
-
     async def follow(self, tracker: Tracker, persisted: Mapping[bytes, Kind] | None = None) -> None:
         """Start ``tracker`` (``Tracker.start``) in a worker thread and publish its first items.
 
         The event loop stays free during the scan; the tracker's events wait until its
         snapshot is out, then are reconciled, and only then does it join ``trackers``.
 
+        Cancelled, it abandons the scan at its next directory and raises ``CancelledError``
+        once the scan has stopped; the tracker is closed.
+
         Raises:
-            StartAbandoned: never; a cancelled ``follow`` raises ``CancelledError`` once the
-                scan has stopped, with the tracker closed.
             Exception: whatever the scan raised (the tracker is closed).
         """
         starting = _Starting()

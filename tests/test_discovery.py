@@ -217,3 +217,32 @@ def test_unreadable_mount_table_is_a_mount_error(tmp_path: Path) -> None:
     source = MountSource(mountinfo=str(tmp_path / "nope"))
     with pytest.raises(MountError, match="nope"):
         source.scan()
+
+
+async def test_a_cancel_that_lands_as_the_table_changes_stops_the_source(tmp_path: Path) -> None:
+    """The consumer is cancelled 0 to 7 loop turns after a mount: whichever turn the cancel
+    lands on (asyncio.wait_for on 3.11 swallowed it when the wake came in the same turn, and
+    the service's stop then waited for discovery forever), the source stops at once."""
+    source = MountSource(mountpoint_glob=f"{tmp_path}/none/*", interval=60)
+    target = tmp_path / "t"
+    target.mkdir()
+
+    async def consume() -> None:
+        async with contextlib.aclosing(source.changes()) as changes:
+            async for _ in changes:
+                pass
+
+    for turns in range(8):
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)  # reading the table, then waiting for a wake
+        # In the loop's thread on purpose: the wake is ready on the loop's next turn.
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)  # noqa: ASYNC221
+        try:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.wait({task}, timeout=2)
+            assert task.cancelled(), f"still running {turns} turns after the mount"
+        finally:
+            task.cancel()  # a swallowed cancel: stop it for good (its next wait honours this)
+            subprocess.run(["umount", str(target)], check=True)  # noqa: ASYNC221

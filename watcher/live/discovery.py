@@ -190,8 +190,11 @@ class MountSource:
             while True:
                 for change in self.poll():
                     yield change
+                # Not wait_for: on Python 3.11 it swallows a cancel that lands as the table
+                # changes, and the service's stop then waits for discovery forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), self._interval)
+                    async with asyncio.timeout(self._interval):
+                        await woken.wait()
                 woken.clear()
 
     def _watch_table(

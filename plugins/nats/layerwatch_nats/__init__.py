@@ -162,8 +162,8 @@ class NatsSink:
         """
         nc = Client()
         try:
-            await asyncio.wait_for(
-                nc.connect(
+            async with asyncio.timeout(self._connect_timeout):  # wait_for can eat a cancel
+                await nc.connect(
                     servers=self._servers,
                     name=f"layerwatch-{self.name}",
                     connect_timeout=max(1, round(self._connect_timeout)),
@@ -174,9 +174,7 @@ class NatsSink:
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
-                ),
-                timeout=self._connect_timeout,
-            )
+                )
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             await nc.close()
             self._health = Health(ok=False, detail=f"connect: {exc!r}")
@@ -425,7 +423,8 @@ class _Acks:
         self._target = count
         self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self._waiter, self.patience)
+            async with asyncio.timeout(self.patience):
+                await self._waiter
         except TimeoutError:
             raise SinkUnavailable(
                 f"nats: {count - self.received} of {count} acks missing after {self.patience}s "

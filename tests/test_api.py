@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tarfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.delivery.schemas import schema_for
 from watcher.http import client, metrics, pipe
 from watcher.http.api import Limits, serve
+from watcher.live.tracker import Tracker
 from watcher.service.config import ApiConfig, Config, MountConfig, SpoolConfig
 from watcher.service.service import Service
 
@@ -304,6 +306,61 @@ async def test_sync_and_reset(tmp_path: Path) -> None:
         async with s.post("/v1/mounts/att/reset") as resp:
             assert resp.status == 409
             assert "attached" in (await resp.json())["error"]
+
+
+async def test_a_mount_whose_first_scan_runs_answers_503_not_404(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a configured mount's first scan runs (held here in its thread by an event, the one
+    stand-in of this test), its endpoints answer 503 with Retry-After, a stream may already
+    name it, an unknown name is still 404; once the scan ends, the same request succeeds."""
+    release = threading.Event()
+    scan = Tracker.start
+
+    def held(tracker: Tracker, *args: Any, **kwargs: Any) -> Any:
+        release.wait(30)
+        return scan(tracker, *args, **kwargs)
+
+    monkeypatch.setattr(Tracker, "start", held)
+    upper, lower = tmp_path / "upper", tmp_path / "lower"
+    upper.mkdir()
+    lower.mkdir()
+    (upper / "new").write_text("x")
+    sock = tmp_path / "api.sock"
+    config = Config(
+        mounts=(MountConfig(name="slow", upper=upper, lowers=(lower,)),),
+        spool=SpoolConfig(path=tmp_path / "spool.db"),
+        api=ApiConfig(socket=sock),
+        stream="test",
+    )
+    service = service_for(config)
+    task = asyncio.create_task(service.run(signals=False))
+    connector = aiohttp.UnixConnector(path=str(sock))
+    try:
+        async with asyncio.timeout(10):
+            while not sock.exists():  # noqa: ASYNC110 (a file another task makes)
+                await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession("http://layerwatch", connector=connector) as s:
+            async with s.post("/v1/mounts/slow/sync") as resp:
+                assert resp.status == 503, await resp.text()
+                assert resp.headers["Retry-After"] == "1"
+                assert "starting" in (await resp.json())["error"]
+            async with s.get("/v1/mounts/nope/changes") as resp:
+                assert resp.status == 404
+            async with s.get("/v1/events?mount=slow&since=0") as events:
+                assert events.status == 200
+                release.set()
+                seen = await read_sse(events, lambda ev: any("new" in str(e) for _, e in ev))
+                assert any(e["data"].get("path") == "/new" for _, e in seen)
+            async with asyncio.timeout(10):
+                await service.started.wait()
+            async with s.post("/v1/mounts/slow/sync") as resp:
+                assert resp.status == 200, await resp.text()
+    finally:
+        release.set()
+        service.stop.set()
+        async with asyncio.timeout(30):
+            await task
 
 
 # -- files, dirs, export --------------------------------------------------------------------

@@ -88,6 +88,12 @@ class _Refused(Exception):
         self.message = message
 
 
+_REFUSAL_HEADERS = {
+    401: {"WWW-Authenticate": 'Bearer realm="layerwatch"'},
+    503: {"Retry-After": "1"},  # a mount that is starting
+}
+
+
 def _refuse(status: int, message: str) -> NoReturn:
     raise _Refused(status, message)
 
@@ -275,7 +281,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except _Refused as exc:
-        headers = {"WWW-Authenticate": 'Bearer realm="layerwatch"'} if exc.status == 401 else None
+        headers = _REFUSAL_HEADERS.get(exc.status)
         return _error(exc.status, exc.message, headers)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -373,6 +379,8 @@ class _Api:
         name = request.match_info["name"]
         state = self.service.mounts.get(name)
         if state is None:
+            if self.service.is_starting(name):
+                _refuse(503, f"mount {name!r} is starting (its first scan runs): try again")
             _refuse(404, f"no mount named {name!r}")
         return state
 
@@ -693,8 +701,8 @@ class _Api:
 
     def _filter(self, request: web.Request) -> frozenset[str] | None:
         names = request.query.getall("mount", [])
-        for name in names:
-            if name not in self.service.mounts:
+        for name in names:  # a mount that is starting will have events: not refused
+            if name not in self.service.mounts and not self.service.is_starting(name):
                 _refuse(404, f"no mount named {name!r}")
         return frozenset(names) if names else None
 

@@ -154,6 +154,9 @@ class ServiceView(Protocol):
     def starting(self) -> int:
         """Configured mounts whose first scan still runs."""
 
+    def is_starting(self, name: str) -> bool:
+        """True while the configured mount ``name`` has its first scan running."""
+
     @property
     def watches(self) -> int:
         """inotify watches held for every mount."""

@@ -306,6 +306,10 @@ class Service:
         """Configured mounts whose first start has not ended yet."""
         return len(self._starting)
 
+    def is_starting(self, name: str) -> bool:
+        """True while the configured mount ``name`` has its first start running."""
+        return name in self._starting
+
     def degraded(self) -> list[str]:
         """Why the service is not fully healthy (empty when it is)."""
         reasons = [f"mount {name}: starting" for name in self._starting]

@@ -257,6 +257,45 @@ async def _jsonl_dir_removed(h: Harness, planned: Planned) -> None:
     shutil.rmtree(h.audit_path.parent, ignore_errors=True)
 
 
+async def _spool_twice(h: Harness, planned: Planned) -> None:
+    """A second service whose spool path reaches the running one's file through a symlinked
+    directory: it must be refused at start (the spool's lock is on the file itself), and the
+    first one must not notice."""
+    link = h.rig.base / "spool-link"
+    if not link.is_symlink():
+        link.symlink_to(h.rig.spool_dir)
+    config = h.rig.base / "second.toml"
+    config.write_text(
+        f'[spool]\npath = "{link / h.rig.spool_path.name}"\n'
+        f'[discovery]\nmountpoint_glob = "{h.rig.base}/nothing/*"\n'
+    )
+    second = await asyncio.create_subprocess_exec(
+        h.service.command,
+        "run",
+        str(config),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(h.service.env),
+    )
+    try:
+        async with asyncio.timeout(20):
+            _, err = await second.communicate()
+    except TimeoutError:
+        second.kill()
+        _, err = await second.communicate()
+    refused = second.returncode == 1 and b"in use" in err
+    h.ledger.fault("spool_twice", f"second run exited {second.returncode}")
+    h.ledger.check(
+        "spool_one_owner",
+        refused and h.service.alive(),
+        lambda: (
+            f"second run exited {second.returncode} ({err.decode(errors='replace')[-200:]!r}); "
+            f"first {'alive' if h.service.alive() else 'gone'}"
+        ),
+    )
+
+
 async def _branch_replaced(h: Harness, planned: Planned) -> None:
     candidates = [spec for spec in h.rig.mounts if spec.loaded and spec.name != "big"]
     spec = candidates[h.rig.replaced % len(candidates)]
@@ -283,5 +322,6 @@ _IMPLEMENTATIONS: Final[dict[str, Callable[[Harness, Planned], Awaitable[None]]]
     "sink_raises": _sink_raises,
     "exec_orphan": _exec_orphan,
     "jsonl_dir_removed": _jsonl_dir_removed,
+    "spool_twice": _spool_twice,
     "branch_replaced": _branch_replaced,
 }

@@ -22,6 +22,8 @@ DESCRIPTIONS: Final = {
     "ids_unique": "one event id never names two different events",
     "prev_kind_chain": "outside snapshots, prev_kind == what the consumer holds",
     "rss_bounded": "the service's VmRSS stays under the limit",
+    "spool_one_owner": "a second service on the spool (through a symlink) exits 1 'in use'; "
+    "the first runs on",
     "sigterm_deadline": "SIGTERM stops the service, exit 0, within the deadline",
 }
 """Every invariant, in the order of the table."""

@@ -120,6 +120,10 @@ FAULTS: Final = {
         ),
         Fault("jsonl_dir_removed", "the jsonl sink's directory removed (rm -r)"),
         Fault(
+            "spool_twice",
+            "a second `layerwatch run` opens the spool through a symlinked directory",
+        ),
+        Fault(
             "branch_replaced",
             "a mount's upper dir replaced (umount, new empty upper, mount)",
             blocking=True,

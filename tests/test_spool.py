@@ -541,3 +541,27 @@ async def test_intake_keeps_records_of_a_cancelled_put_in_order(spool_path: Path
         writer.cancel()
         await asyncio.wait({writer})
         assert [r.seq for r in spool.read(0, 10)] == [1, 2, 3]
+
+
+async def test_intake_bounds_the_bytes_waiting_for_a_commit(spool_path: Path) -> None:
+    """A put that brings the pending bytes to ``max_pending_bytes`` waits (however few the
+    records) until the writer has taken them; what it queued is committed, in order."""
+    from watcher.delivery.intake import Intake
+
+    records = batch(1, 4)
+    size = sum(len(r.body) for r in records)
+    with Spool(spool_path) as spool:
+        intake = Intake(spool, max_pending_bytes=size)
+        small = asyncio.create_task(intake.put(records[:3], {}))
+        await asyncio.sleep(0.05)
+        assert small.done()  # under the bound: no wait
+        full = asyncio.create_task(intake.put(records[3:], {}))
+        await asyncio.sleep(0.05)
+        assert not full.done()  # at the bound, with 4 records of 65,536 allowed
+        writer = asyncio.create_task(intake.run())
+        async with asyncio.timeout(5):
+            await full
+            await intake.flush()
+        writer.cancel()
+        await asyncio.wait({writer})
+        assert [r.seq for r in spool.read(0, 10)] == [1, 2, 3, 4]

@@ -5,8 +5,8 @@ everything that is pending in one transaction while the hub keeps working, so a 
 small drains shares one fsync. Sinks read only what is committed, so every event is durable
 before any sink sees it. When the spool fails (disk full, I/O error) intake stops loudly: the
 writer retries the same records with backoff, ``put`` blocks once ``max_pending`` records
-wait, the hub stops reading, and a kernel queue overflow later turns into a resync. Nothing
-that was published is dropped.
+or ``max_pending_bytes`` of encoded events wait, the hub stops reading, and a kernel queue
+overflow later turns into a resync. Nothing that was published is dropped.
 """
 
 from __future__ import annotations
@@ -35,12 +35,19 @@ class Intake:
     Args:
         spool: the durable log.
         max_pending: records waiting for a commit before ``put`` applies backpressure.
+        max_pending_bytes: encoded bytes waiting for a commit before ``put`` applies
+            backpressure (what bounds the memory of a big snapshot: at most this much waits,
+            and as much again is being committed).
     """
 
-    def __init__(self, spool: Spool, *, max_pending: int = 65536) -> None:
+    def __init__(
+        self, spool: Spool, *, max_pending: int = 65536, max_pending_bytes: int = 8 << 20
+    ) -> None:
         self._spool = spool
         self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
         self._pending: list[Record] = []
+        self._pending_bytes = 0
         self._lists: dict[str, dict[bytes, Kind | None]] = {}
         self._changed = asyncio.Condition()
         self._committing = False
@@ -62,24 +69,31 @@ class Intake:
         backpressure wait is cancelled, never the records).
         """
         self._pending.extend(records)
+        self._pending_bytes += sum(len(record.body) for record in records)
         _merge(self._lists, lists)
         async with self._changed:
             self._changed.notify_all()
-            await self._changed.wait_for(lambda: len(self._pending) < self._max_pending)
+            await self._changed.wait_for(self._has_room)
+
+    def _has_room(self) -> bool:
+        return (
+            len(self._pending) < self._max_pending and self._pending_bytes < self._max_pending_bytes
+        )
 
     async def run(self) -> None:
         """The writer: commit whatever is pending, one transaction at a time, until cancelled."""
         while True:
             async with self._changed:
                 await self._changed.wait_for(lambda: bool(self._pending))
-                batch, lists = self._pending, self._lists
-                self._pending, self._lists = [], {}
+                batch, lists, size = self._pending, self._lists, self._pending_bytes
+                self._pending, self._lists, self._pending_bytes = [], {}, 0
                 self._committing = True
             try:
                 await self._commit(batch, lists)
             except BaseException:
                 async with self._changed:  # cancelled mid-commit: keep the records, in order
                     self._pending[:0] = batch
+                    self._pending_bytes += size
                     self._lists = _merge(lists, self._lists)
                     self._committing = False
                 raise

@@ -97,6 +97,7 @@ class Intake:
                     self._lists = _merge(lists, self._lists)
                     self._committing = False
                 raise
+            del batch, lists  # not held while the writer waits for the next records
             async with self._changed:
                 self._committing = False
                 self._changed.notify_all()

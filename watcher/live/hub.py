@@ -34,6 +34,7 @@ from typing import Final
 import structlog
 
 from watcher.core.model import Item, Kind, Op, SnapshotEntries
+from watcher.live import heap
 from watcher.live.inotify import (
     IN_ATTRIB,
     IN_CLOSE_WRITE,
@@ -235,10 +236,16 @@ class Hub(WatchOps):
 
     async def _publish_chunked(self, tracker: Tracker, items: list[Item]) -> None:
         """Publish ``items`` at most ``_CHUNK`` at a time; a snapshot's entries become
-        transitions (and read their ``lstat``) only as their chunk goes out."""
+        transitions (and read their ``lstat``) only as their chunk goes out.
+
+        ``items`` is consumed (emptied); after a big snapshot the freed heap goes back to the
+        kernel (``heap.trim``), so the start's peak does not stay the process's size.
+        """
         pending: list[Item] = []
+        snapshot = 0
         for item in items:
             if isinstance(item, SnapshotEntries):
+                snapshot += len(item)
                 for chunk in item.chunks(_CHUNK):
                     pending += chunk
                     while len(pending) >= _CHUNK:
@@ -251,6 +258,10 @@ class Hub(WatchOps):
                     pending = []
         if pending:
             await self._publish(tracker.mount, pending)
+        del pending
+        items.clear()
+        if snapshot >= _CHUNK:
+            heap.trim()
 
     async def detach(self, mount: str) -> None:
         """Stop following a mount: drop its watches."""

@@ -32,6 +32,7 @@ from watcher.delivery.plugins import load_sink
 from watcher.delivery.publisher import Publisher
 from watcher.delivery.runner import Filter, RunnerConfig, SinkRunner, backoff_delay
 from watcher.delivery.spool import Spool
+from watcher.live import heap
 from watcher.live.discovery import Discovered, MountEvent, MountSource
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
@@ -612,11 +613,12 @@ class Service:
                 names[found.mount_id] = name
 
     async def _housekeeping(self) -> None:
-        """Bookmarks and retention, on their own clock."""
+        """Bookmarks, retention and the heap's free pages, on their own clock."""
         self.failures.pop("housekeeping", None)
         last_bookmark = time.monotonic()
         while True:
             await asyncio.sleep(min(5.0, self.config.bookmark_interval))
+            heap.trim()  # what a burst or a big snapshot freed (a fraction of a ms)
             pruned = await asyncio.to_thread(self.spool.prune, time.time())
             if pruned is not None:
                 logger.warning(

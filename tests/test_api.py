@@ -363,6 +363,40 @@ async def test_a_mount_whose_first_scan_runs_answers_503_not_404(
             await task
 
 
+async def test_changes_since_a_position_from_the_spool(tmp_path: Path) -> None:
+    """``changes?since=N``: each path changed after N once, with what it is now (null: back to
+    the image), from the spool; a position of another spool is 410, a bad one 400."""
+    async with running(tmp_path) as run, unix_session(run) as s:
+        (run.merged / "f1").write_text("one")
+        (run.merged / "f2").write_text("two")
+        first = await changes(s)
+        with (run.merged / "f1").open("a") as f:
+            f.write("more")
+        (run.merged / "f3").write_text("three")
+        (run.merged / "tmp").write_text("scratch")
+        await changes(s)  # published as A (made and removed in one drain, it would net out)
+        (run.merged / "tmp").unlink()
+        (run.merged / "data" / "old.txt").unlink()
+        epoch = run.service.spool.epoch
+        async with s.get(f"/v1/mounts/m/changes?sync=1&since={epoch}:{first['seq']}") as resp:
+            assert resp.status == 200, await resp.text()
+            answer = await resp.json()
+        got = {c["path"]: c["kind"] for c in answer["changes"]}
+        assert got == {"/f1": "A", "/f3": "A", "/tmp": None, "/data/old.txt": "D", "/data": "C"}
+        assert answer["since"] == first["seq"]
+        assert not answer["resync"]
+        assert all(first["seq"] < c["seq"] <= answer["seq"] for c in answer["changes"])
+        async with s.get(f"/v1/mounts/m/changes?since={answer['seq']}") as resp:
+            assert (await resp.json())["changes"] == []
+        async with s.get(f"/v1/mounts/m/changes?since={epoch + 1}:1") as resp:
+            assert resp.status == 410
+        async with s.get(f"/v1/mounts/m/changes?since={answer['seq'] + 100}") as resp:
+            assert resp.status == 410
+            assert (await resp.json())["oldest"] == 0
+        async with s.get("/v1/mounts/m/changes?since=yesterday") as resp:
+            assert resp.status == 400
+
+
 # -- files, dirs, export --------------------------------------------------------------------
 
 

@@ -565,3 +565,89 @@ async def test_intake_bounds_the_bytes_waiting_for_a_commit(spool_path: Path) ->
         writer.cancel()
         await asyncio.wait({writer})
         assert [r.seq for r in spool.read(0, 10)] == [1, 2, 3, 4]
+
+
+def _change(seq: int, path: bytes, mount: str = "m") -> Record:
+    return dataclasses.replace(rec(seq, mount=mount), path=path)
+
+
+async def test_changes_since_names_each_path_once_with_what_it_is_now(spool_path: Path) -> None:
+    """Paths touched after N, each with its kind now (None: out of the list again) and the seq
+    of its last event; other mounts' paths and earlier ones are not in the answer."""
+    from watcher.delivery.spool import Since
+
+    with Spool(spool_path) as spool:
+        await spool.append(
+            [_change(1, b"/a"), _change(2, b"/b"), _change(3, b"/x", mount="other")],
+            lists={"m": {b"/a": Kind.ADDED, b"/b": Kind.ADDED}, "other": {b"/x": Kind.ADDED}},
+        )
+        await spool.append(
+            [_change(4, b"/b"), _change(5, b"/c"), _change(6, b"/b"), rec(7)],
+            lists={"m": {b"/b": None, b"/c": Kind.CHANGED}},
+        )
+        assert spool.changes_since("m", 2) == Since(
+            since=2, head=7, resync=False, paths=[(b"/b", None, 6), (b"/c", Kind.CHANGED, 5)]
+        )
+        assert [p for p, _, _ in spool.changes_since("m", 0).paths] == [b"/a", b"/b", b"/c"]
+        assert spool.changes_since("m", 7).paths == []
+        assert spool.changes_since("other", 3).paths == []
+
+
+async def test_changes_since_a_resync_holds_the_whole_list(spool_path: Path) -> None:
+    """After a resync of the mount, what changed in between is not known path by path: the
+    answer says so and holds every entry of the list."""
+    with Spool(spool_path) as spool:
+        await spool.append(
+            [_change(1, b"/a"), _change(2, b"/b")],
+            lists={"m": {b"/a": Kind.ADDED, b"/b": Kind.ADDED}},
+        )
+        resync = Record(3, "m", "io.layerwatch.resync", b"{}")
+        await spool.append([resync, _change(4, b"/c")], lists={"m": {b"/c": Kind.ADDED}})
+        since = spool.changes_since("m", 2)
+        assert since.resync
+        assert since.paths == [
+            (b"/a", Kind.ADDED, 3),
+            (b"/b", Kind.ADDED, 3),
+            (b"/c", Kind.ADDED, 4),
+        ]
+        assert not spool.changes_since("m", 3).resync
+
+
+async def test_changes_since_a_pruned_position_is_lost(spool_path: Path) -> None:
+    """A position older than the retained records, or ahead of the head, is PositionLost
+    naming the oldest answerable one; pruning drops the index rows with the records."""
+    from watcher.delivery.spool import PositionLost
+
+    with Spool(spool_path, max_bytes=64 * 2) as spool:
+        await spool.append([_change(seq, b"/%d" % seq) for seq in range(1, 6)])
+        spool.prune(time.time())
+        assert spool.first_seq == 4
+        assert [s for _, _, s in spool.changes_since("m", 3).paths] == [4, 5]
+        with pytest.raises(PositionLost, match="older than what the spool keeps") as lost:
+            spool.changes_since("m", 2)
+        assert lost.value.oldest == 3
+        with pytest.raises(PositionLost, match="ahead of"):
+            spool.changes_since("m", 6)
+        spool.drop_list("m")
+        assert spool.changes_since("m", 3).paths == []
+
+
+async def test_a_schema_1_spool_is_upgraded_and_answers_from_then_on(spool_path: Path) -> None:
+    """A spool made before the index (schema 1) opens, is upgraded, and answers for
+    positions from its head at the upgrade on; older ones are PositionLost."""
+    import sqlite3
+
+    from watcher.delivery.spool import PositionLost
+
+    with Spool(spool_path) as spool:
+        await spool.append([_change(1, b"/a"), _change(2, b"/b")])
+    conn = sqlite3.connect(spool_path)  # what schema 1 left: no index, version 1
+    conn.executescript(
+        "DROP TABLE touched; DELETE FROM meta WHERE key = 'touched_from'; PRAGMA user_version = 1;"
+    )
+    conn.close()
+    with Spool(spool_path) as spool:
+        await spool.append([_change(3, b"/c")])
+        assert spool.changes_since("m", 2).paths == [(b"/c", None, 3)]
+        with pytest.raises(PositionLost):
+            spool.changes_since("m", 1)

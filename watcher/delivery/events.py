@@ -54,6 +54,8 @@ class Record:
         body: the whole CloudEvents JSON object, orjson-encoded, without a trailing newline.
         epoch: the identity of the spool (or ``watch`` run) that numbered it: its creation
             time in ms; (epoch, seq) names one event forever. 0 only in hand-made records.
+        path: the path a change event is about, as the encoder made it (None for control
+            events and for records read back from the spool): the spool indexes it.
     """
 
     seq: int
@@ -61,6 +63,7 @@ class Record:
     type: str
     body: bytes
     epoch: int = 0
+    path: bytes | None = None
 
     @property
     def id(self) -> str:
@@ -171,7 +174,7 @@ class EventEncoder:
         if labels:
             data["labels"] = dict(labels)
         body = self._envelope(seq, CHANGE, subject(transition.path), data, now)
-        return Record(seq, mount, CHANGE, body, self.epoch)
+        return Record(seq, mount, CHANGE, body, self.epoch, transition.path)
 
     def control(
         self,

@@ -33,6 +33,12 @@ Decisions:
 - **Change lists.** Paths are bytes and stored as BLOBs, so any name round-trips. A mount has a
   persisted list from the first ``append`` that carries ``lists[mount]`` (even an empty one)
   until ``drop_list``; ``mounts()`` tells a mount with an empty list from one never seen.
+- **What changed since a position.** Each change record's path is indexed with the ``seq`` of
+  the last event about it (``touched``), in the same transaction as the records and the list,
+  and each mount's last ``resync``; so ``changes_since`` answers "which paths changed after
+  seq N, and what are they now" with one indexed query, never a replay. Rows older than the
+  retained records are pruned with them: a position older than ``first_seq - 1`` is
+  ``PositionLost``. A spool made by schema 1 indexes from the seq after its upgrade on.
 - **One owner.** A spool file belongs to one ``Spool`` at a time: an exclusive ``flock`` on
   the database file itself (not on a name next to it), so a second opener gets ``SpoolError``
   whatever name it uses, a symlink or a hard link included. ``read`` and the other queries use their
@@ -63,14 +69,23 @@ import structlog
 
 from watcher.core.errors import SpoolError
 from watcher.core.model import Kind
-from watcher.delivery.events import Record
+from watcher.delivery.events import RESYNC, Record
 
-__all__ = ["Pruned", "Spool", "SpoolStats"]
+__all__ = ["PositionLost", "Pruned", "Since", "Spool", "SpoolStats"]
 
 logger = structlog.get_logger("layerwatch.spool")
 
 _APPLICATION_ID: Final = 0x4C575350  # "LWSP": tells a spool from any other SQLite file
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
+_TOUCHED: Final = """
+CREATE TABLE touched (
+    mount TEXT NOT NULL,
+    path  BLOB NOT NULL,
+    seq   INTEGER NOT NULL,
+    PRIMARY KEY (mount, path)
+) WITHOUT ROWID;
+CREATE INDEX touched_by_seq ON touched (seq);
+"""
 _SCHEMA: Final = f"""
 BEGIN IMMEDIATE;
 CREATE TABLE events (
@@ -95,7 +110,16 @@ CREATE TABLE lists (
     PRIMARY KEY (mount, path)
 ) WITHOUT ROWID;
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+{_TOUCHED}
 PRAGMA application_id = {_APPLICATION_ID};
+PRAGMA user_version = {_SCHEMA_VERSION};
+COMMIT;
+"""
+
+_UPGRADE_FROM_1: Final = f"""
+BEGIN IMMEDIATE;
+{_TOUCHED}
+INSERT INTO meta SELECT 'touched_from', last_seq + 1 FROM head;
 PRAGMA user_version = {_SCHEMA_VERSION};
 COMMIT;
 """
@@ -116,6 +140,39 @@ class Pruned:
     first_dropped: int
     last_dropped: int
     consumers_behind: list[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Since:
+    """What changed in one mount after a position: ``Spool.changes_since``'s answer.
+
+    Attributes:
+        since: the position asked about.
+        head: the ``seq`` the answer is consistent with (the spool's ``last_seq`` then).
+        resync: a ``resync`` of the mount came after ``since``: what changed in between is not
+            known path by path (an overflow, a restart), so ``paths`` also holds every entry of
+            the list; take it as a fresh list.
+        paths: sorted by path: (path, its kind now or None when it is no longer in the list,
+            the ``seq`` of the last event about it, or of the resync for an entry only the
+            resync accounts for).
+    """
+
+    since: int
+    head: int
+    resync: bool
+    paths: list[tuple[bytes, Kind | None, int]]
+
+
+class PositionLost(LookupError):
+    """A position older than what the spool keeps (or from another spool).
+
+    Attributes:
+        oldest: the oldest position the spool can answer for now.
+    """
+
+    def __init__(self, message: str, oldest: int) -> None:
+        super().__init__(message)
+        self.oldest = oldest
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,6 +314,16 @@ class Spool:
                 return
         if app_id != _APPLICATION_ID:
             raise self._fail("not a layerwatch spool (another SQLite database)")
+        if version == 1:
+            with self._errors("upgrade"):
+                try:
+                    conn.executescript(_UPGRADE_FROM_1)
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            self._logger.info("spool_upgraded", schema=_SCHEMA_VERSION)
+            return
         if version != _SCHEMA_VERSION:
             raise self._fail(f"schema version {version} is not supported ({_SCHEMA_VERSION} is)")
 
@@ -356,6 +423,13 @@ class Spool:
                 return
             now = time.time()
             nbytes = sum(len(r.body) for r in records)
+            touched: dict[tuple[str, bytes], int] = {}
+            resyncs: dict[str, int] = {}
+            for r in records:
+                if r.path is not None:
+                    touched[(r.mount, r.path)] = r.seq
+                elif r.type == RESYNC:
+                    resyncs[r.mount] = r.seq
             try:
                 with self._errors("append"), self._transaction() as conn:
                     conn.executemany(
@@ -364,6 +438,16 @@ class Spool:
                     )
                     for mount, updates in lists.items():
                         _write_list(conn, mount, updates)
+                    conn.executemany(
+                        "INSERT INTO touched VALUES (?, ?, ?) "
+                        "ON CONFLICT (mount, path) DO UPDATE SET seq = excluded.seq",
+                        [(mount, path, seq) for (mount, path), seq in touched.items()],
+                    )
+                    conn.executemany(
+                        "INSERT INTO meta VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        [(_resync_key(mount), str(seq)) for mount, seq in resyncs.items()],
+                    )
                     if records:
                         conn.execute(
                             "UPDATE head SET last_seq = ?, bytes = bytes + ?",
@@ -476,6 +560,57 @@ class Spool:
         with self._write_lock, self._errors("drop_list"), self._transaction() as conn:
             conn.execute("DELETE FROM lists WHERE mount = ?", (mount,))
             conn.execute("DELETE FROM list_mounts WHERE mount = ?", (mount,))
+            conn.execute("DELETE FROM touched WHERE mount = ?", (mount,))
+            conn.execute("DELETE FROM meta WHERE key = ?", (_resync_key(mount),))
+
+    def changes_since(self, mount: str, since: int) -> Since:
+        """Which paths of ``mount`` changed after ``since``, and what they are now; one
+        consistent read, however many events came after ``since``.
+
+        Raises:
+            PositionLost: ``since`` is older than the retained records (or than the index,
+                for a spool upgraded from schema 1), or ahead of ``last_seq`` (another spool's
+                position).
+        """
+        self._check_open()
+        with self._read_lock, self._errors("changes_since"):
+            conn = self._reader
+            conn.execute("BEGIN")
+            try:
+                head = int(conn.execute("SELECT last_seq FROM head").fetchone()[0])
+                first = conn.execute("SELECT min(seq) FROM events").fetchone()[0]
+                oldest = head if first is None else int(first) - 1
+                meta = dict(
+                    conn.execute(
+                        "SELECT key, value FROM meta WHERE key IN ('touched_from', ?)",
+                        (_resync_key(mount),),
+                    ).fetchall()
+                )
+                oldest = max(oldest, int(meta.get("touched_from", 1)) - 1)
+                if since < oldest or since > head:
+                    where = "older than what the spool keeps" if since < oldest else "ahead of"
+                    raise PositionLost(
+                        f"position {since} is {where} (the spool answers from {oldest} to "
+                        f"{head}): read the whole list and continue from its seq",
+                        oldest,
+                    )
+                resync_seq = int(meta.get(_resync_key(mount), 0))
+                rows = conn.execute(
+                    "SELECT t.path, l.kind, t.seq FROM touched t LEFT JOIN lists l "
+                    "ON l.mount = t.mount AND l.path = t.path WHERE t.mount = ? AND t.seq > ?",
+                    (mount, since),
+                ).fetchall()
+                paths = {bytes(p): (None if k is None else Kind(k), int(q)) for p, k, q in rows}
+                resync = resync_seq > since
+                if resync:
+                    for path, kind in conn.execute(
+                        "SELECT path, kind FROM lists WHERE mount = ?", (mount,)
+                    ):
+                        paths.setdefault(bytes(path), (Kind(kind), resync_seq))
+            finally:
+                conn.execute("COMMIT")
+        ordered = [(path, kind, seq) for path, (kind, seq) in sorted(paths.items())]
+        return Since(since=since, head=head, resync=resync, paths=ordered)
 
     def get_meta(self, key: str) -> str | None:
         """The meta value stored under ``key``, or None."""
@@ -522,6 +657,7 @@ class Spool:
                 return None
             first_dropped = self._first_seq
             conn.execute("DELETE FROM events WHERE seq <= ?", (last_dropped,))
+            conn.execute("DELETE FROM touched WHERE seq <= ?", (last_dropped,))
             conn.execute("UPDATE head SET bytes = bytes - ?", (dropped_bytes,))
             behind = [
                 consumer
@@ -611,3 +747,8 @@ def _write_list(conn: sqlite3.Connection, mount: str, updates: Mapping[bytes, Ki
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _resync_key(mount: str) -> str:
+    """The meta key of ``mount``'s last resync seq."""
+    return f"resync:{mount}"

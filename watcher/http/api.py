@@ -37,6 +37,7 @@ from watcher.core.errors import ConfigError, LayerwatchError, PathError, WatchEr
 from watcher.core.export import export_diff, export_rootfs
 from watcher.core.model import Kind
 from watcher.delivery.events import file_type, path_fields
+from watcher.delivery.spool import PositionLost
 from watcher.http.metrics import CONTENT_TYPE, Exposition
 from watcher.http.pipe import Pipe
 from watcher.http.streams import EventStream
@@ -346,6 +347,11 @@ def _since(request: web.Request, head: int, epoch: int) -> int:
     raw = request.headers.get("Last-Event-ID") or request.query.get("since")
     if raw is None or raw == "":
         return head
+    return _position(raw, epoch)
+
+
+def _position(raw: str, epoch: int) -> int:
+    """``SEQ`` or ``EPOCH:SEQ`` as a seq of this spool; -1 for another spool's position."""
     epoch_text, colon, seq_text = raw.rpartition(":")
     try:
         since = int(seq_text)
@@ -529,16 +535,44 @@ class _Api:
         return _json(self._mount_json(state.name, state))
 
     async def changes(self, request: web.Request) -> web.Response:
-        """The change list (``diff --json`` rows) and the sequence number it is consistent at."""
+        """The change list (``diff --json`` rows) and the sequence number it is consistent at;
+        with ``since=N``, the paths changed after N and what they are now (from the spool)."""
         state = self._state(request)
         flag = request.query.get("sync", "0")
         if flag not in ("0", "1", "true", "false"):
             _refuse(400, "sync must be 0 or 1")
         if flag in ("1", "true"):
             await self._sync(self.limits.sync_timeout)
+        if "since" in request.query:
+            return await self._changes_since(state.name, request.query["since"])
         changes, seq = state.changes(), self.service.head_seq
         rows = [{"kind": c.kind.value, **path_fields(c.path)} for c in changes]
         return _json({"mount": state.name, "seq": seq, "changes": rows})
+
+    async def _changes_since(self, name: str, raw: str) -> web.Response:
+        spool = self.service.spool
+        since = _position(raw, spool.epoch)
+        if since < 0:
+            _refuse(410, f"position {raw!r} is another spool's: read the whole list")
+        try:
+            answer = await asyncio.to_thread(spool.changes_since, name, since)
+        except PositionLost as exc:
+            body = {"error": str(exc), "status": 410, "oldest": exc.oldest}
+            return _json(body, status=410)
+        rows = [
+            {"kind": kind.value if kind is not None else None, **path_fields(path), "seq": seq}
+            for path, kind, seq in answer.paths
+        ]
+        return _json(
+            {
+                "mount": name,
+                "since": answer.since,
+                "seq": answer.head,
+                "epoch": spool.epoch,
+                "resync": answer.resync,
+                "changes": rows,
+            }
+        )
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()

@@ -20,7 +20,7 @@ from watcher.core.model import Change, Control, Item, Kind, Transition
 from watcher.core.mounts import Filesystem
 from watcher.delivery.events import Record
 from watcher.delivery.sinks import Health
-from watcher.delivery.spool import SpoolStats
+from watcher.delivery.spool import Since, SpoolStats
 
 __all__ = ["EventLog", "MountView", "ServiceView", "SinkView"]
 
@@ -86,6 +86,14 @@ class EventLog(Protocol):
 
     def stats(self) -> SpoolStats:
         """Counts and sizes, for metrics (blocking: a short query)."""
+
+    def changes_since(self, mount: str, since: int) -> Since:
+        """The paths of ``mount`` changed after ``since`` and what they are now (blocking: one
+        indexed query).
+
+        Raises:
+            PositionLost: ``since`` is older than the log keeps, or ahead of it.
+        """
 
 
 class SinkView(Protocol):

@@ -63,6 +63,8 @@ def container(ref: str, *, docker_root: str, containerd_state: str) -> Filesyste
     try:
         found = docker.container(ref)
     except LookupFailed as exc:
+        if exc.ambiguous:
+            raise
         docker_problem = str(exc)
     except LayerError as exc:
         if os.path.isdir(docker.path + b"/containers"):
@@ -102,7 +104,9 @@ def _containerd(ref: str, state: str) -> Filesystem | None:
             names = ", ".join(
                 f"{m.labels['namespace']}/{m.labels['container_id'][:12]}" for m in hits
             )
-            raise LookupFailed(f"{ref!r} is ambiguous: it matches containerd containers {names}")
+            raise LookupFailed(
+                f"{ref!r} is ambiguous: it matches containerd containers {names}", ambiguous=True
+            )
         if hits:
             return Filesystem.attach(hits[0].mountpoint)
     return None

@@ -35,7 +35,11 @@ class LayerError(LayerwatchError):
 
 class LookupFailed(LayerwatchError):
     """A container, image or layer reference is unknown or ambiguous; the message lists the
-    candidates it could have meant."""
+    candidates it could have meant. ``ambiguous`` tells the two apart."""
+
+    def __init__(self, message: str, *, ambiguous: bool = False) -> None:
+        super().__init__(message)
+        self.ambiguous = ambiguous
 
 
 class PathError(LayerwatchError):

@@ -200,7 +200,8 @@ class DockerRoot:
         if by_prefix:
             found = [f"{cid[:12]} ({names[cid]})" for cid in by_prefix]
             raise LookupFailed(
-                f"container id prefix {ref!r} is ambiguous: it matches {_candidates(found)}"
+                f"container id prefix {ref!r} is ambiguous: it matches {_candidates(found)}",
+                ambiguous=True,
             )
         known = [f"{name} ({cid[:12]})" for cid, name in sorted(names.items(), key=lambda i: i[1])]
         where = os.fsdecode(self.path)
@@ -282,7 +283,8 @@ class DockerRoot:
         if by_prefix:
             found = [iid[7:19] for iid in by_prefix]
             raise LookupFailed(
-                f"image id prefix {ref!r} is ambiguous: it matches {_candidates(found)}"
+                f"image id prefix {ref!r} is ambiguous: it matches {_candidates(found)}",
+                ambiguous=True,
             )
         known = _candidates(sorted(tags)) or "none"
         raise LookupFailed(f"no such image: {ref!r}; the data root has {known}")
@@ -335,11 +337,15 @@ class DockerRoot:
         matches = [i for i, d in enumerate(diff_ids) if hexref and d[7:].startswith(hexref)]
         if len({diff_ids[i] for i in matches}) > 1:
             found = [f"{i}: {diff_ids[i][7:19]}" for i in matches]
-            raise LookupFailed(f"layer {layer!r} is ambiguous: it matches {_candidates(found)}")
+            raise LookupFailed(
+                f"layer {layer!r} is ambiguous: it matches {_candidates(found)}", ambiguous=True
+            )
         if len(matches) > 1:
+            at = ", ".join(map(str, matches))
             raise LookupFailed(
                 f"layer {layer!r} appears {len(matches)} times in image {image_id[7:19]} "
-                f"(at {', '.join(map(str, matches))}): give its index"
+                f"(at {at}): give its index",
+                ambiguous=True,
             )
         if not matches:
             listed = [f"{i}: {d[7:19]}" for i, d in enumerate(diff_ids)]

@@ -671,3 +671,14 @@ def test_the_parser_constants_match_what_they_stand_for() -> None:
 
     assert str(DEFAULT_SOCKET) == PARSER_SOCKET
     assert tuple(d.value for d in Driver) == DRIVERS
+
+
+def test_lineformat_docstring_example_runs() -> None:
+    """The --format module's docstring example prints what it shows."""
+    import doctest
+
+    from watcher.cli import lineformat
+
+    result = doctest.testmod(lineformat)
+    assert result.attempted > 0
+    assert result.failed == 0

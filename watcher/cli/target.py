@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 from watcher.core.errors import LayerError, LayerwatchError, LookupFailed
 from watcher.core.layers import Whiteouts
@@ -94,11 +95,12 @@ def _containerd(ref: str, state: str) -> Filesystem | None:
 
     source = MountSource(mountpoint_glob=f"{state}/*/rootfs", containerd_state=state)
     mounts = [m for m in source.scan().values() if m.labels.get("runtime") == "containerd"]
-    for match in (
+    tries: list[Callable[[dict[str, str]], bool]] = [
         lambda labels: labels["container_id"] == ref,
         lambda labels: labels.get("container_name") == ref,
         lambda labels: labels["container_id"].startswith(ref),
-    ):
+    ]
+    for match in tries:
         hits = [m for m in mounts if match(m.labels)]
         if len(hits) > 1:
             names = ", ".join(

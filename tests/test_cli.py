@@ -682,3 +682,28 @@ def test_lineformat_docstring_example_runs() -> None:
     result = doctest.testmod(lineformat)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_diff_of_a_containerd_container_by_id_prefix_and_kubernetes_name(
+    stacked: Overlay, tmp_path: Path
+) -> None:
+    """A running containerd container (its rootfs mounted where containerd mounts it, found
+    by discovery's recogniser) is diffed by id, id prefix or Kubernetes container name; a
+    name nothing has exits 2 saying where it looked. The layout is containerd's, made by the
+    test: no containerd runs here."""
+    state = tmp_path / "run-containerd"
+    bundle = state / "io.containerd.runtime.v2.task" / "k8s.io" / "abc123def"
+    annotations = {"io.kubernetes.cri.container-name": "app"}
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text(orjson.dumps({"annotations": annotations}).decode())
+    where = ("--docker-root", tmp_path / "no-docker", "--containerd-state", state)
+    with mount_overlay(str(tmp_path / "ctd"), list(stacked.lowers), merged=str(bundle / "rootfs")):
+        run_ops(str(bundle / "rootfs"), "rm etc/passwd && echo g > etc/gone")
+        expected = ["C /etc", "A /etc/gone", "D /etc/passwd"]
+        for ref in ("abc123def", "abc", "app"):
+            assert diff_lines(ref, *where) == expected, ref
+        proc = run_cli("diff", "nothing", *where)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert "no-docker is not a Docker data root" in err
+    assert f"no running containerd container under {state} is 'nothing'" in err

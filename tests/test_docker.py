@@ -382,3 +382,74 @@ def test_cli_diff_of_an_image_layer_lists_what_the_layer_did(docker: Docker) -> 
         assert "has 1 layers" in proc.stderr
     finally:
         docker.run("rmi", "layerwatch-test:committed")
+
+
+def _ctr(docker: Docker, *args: str) -> str:
+    """``ctr`` against the containerd this dockerd runs, in a namespace of the test's own."""
+    sock = docker.data_root.parent / "exec" / "containerd" / "containerd.sock"
+    proc = subprocess.run(
+        ["ctr", "-a", str(sock), "-n", "layerwatch-test", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"ctr {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def test_cli_diff_of_a_containerd_container(docker: Docker) -> None:
+    """A container run by containerd itself (`ctr run`, overlayfs snapshotter; dockerd's own
+    containerd, in a namespace of its own) is found by name through discovery's containerd
+    recogniser, and its list is the one `docker diff` gives for the same operations on the
+    same image (the lines containerd's runtime adds itself aside: /run, its default mount)."""
+    if shutil.which("ctr") is None:
+        pytest.skip("ctr not installed (Debian containerd): no containerd container")
+    state = docker.data_root.parent / "exec" / "containerd" / "daemon"
+    with _container(docker, "lw-cli-twin") as cid:
+        docker.run("exec", "-w", "/", cid, "/bin/sh", "-c", CLI_OPS)
+        expected = _by_path(docker.run("diff", cid).splitlines())
+    image = subprocess.run(
+        [docker.docker, "save", IMAGE], env=docker.env, capture_output=True, check=True, timeout=60
+    ).stdout
+    sock = docker.data_root.parent / "exec" / "containerd" / "containerd.sock"
+    subprocess.run(
+        ["ctr", "-a", str(sock), "-n", "layerwatch-test", "images", "import", "-"],
+        input=image,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    ref = f"docker.io/library/{IMAGE}"
+    _ctr(docker, "run", "-d", "--snapshotter", "overlayfs", ref, "lw-ctd", "/bin/sleep", "600")
+    try:
+        _ctr(
+            docker,
+            "task",
+            "exec",
+            "--exec-id",
+            "ops",
+            "--cwd",
+            "/",
+            "lw-ctd",
+            "/bin/sh",
+            "-c",
+            CLI_OPS,
+        )
+        for name in ("lw-ctd", "lw-ct"):
+            proc = _layerwatch(docker, "diff", name, "--containerd-state", str(state))
+            assert (proc.returncode, proc.stderr) == (0, ""), name
+            got = proc.stdout.splitlines()
+            assert [line for line in got if line != "A /run"] == expected, name
+    finally:
+        with contextlib.suppress(AssertionError):
+            _ctr(docker, "task", "kill", "-s", "KILL", "lw-ctd")
+        for _ in range(50):
+            try:
+                _ctr(docker, "task", "rm", "-f", "lw-ctd")
+                break
+            except AssertionError:
+                time.sleep(0.1)
+        _ctr(docker, "containers", "rm", "lw-ctd")
+        _ctr(docker, "images", "rm", ref)

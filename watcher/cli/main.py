@@ -6,7 +6,8 @@ generated from it); each command imports the modules it runs only when it runs, 
 
 Exit status: 0 success; 1 an error (one ``layerwatch: error:`` line on stderr), or ``diff
 --exit-code`` found changes; 2 a usage error, a container, image or layer name that is unknown
-or ambiguous, or any error of ``diff --exit-code``; 141 stdout closed (``| head``).
+or ambiguous, any error of ``diff --exit-code``, or ``status`` of a degraded service; 141
+stdout closed (``| head``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ _EXIT_STATUS = (
     (
         "2",
         "A usage error; a container, image or layer name that is unknown or ambiguous (the "
-        "message names the candidates); any error of diff --exit-code.",
+        "message names the candidates); any error of diff --exit-code; status: the service is "
+        "degraded.",
     ),
     ("141", "Standard output was closed early (a pipe into head)."),
 )

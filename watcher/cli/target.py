@@ -73,7 +73,7 @@ def container(ref: str, *, docker_root: str, containerd_state: str) -> Filesyste
         docker_problem = str(exc)
     else:
         info = find_mount(found.merged)
-        if info is not None and info.mountpoint == found.merged and info.fstype == "overlay":
+        if info is not None and info.fstype == "overlay":
             return Filesystem.attach(found.merged)
         return Filesystem(found.lowers, found.upper, found.merged)
     fs = _containerd(ref, containerd_state)

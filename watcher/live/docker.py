@@ -267,10 +267,13 @@ class DockerRoot:
                 f"{os.fsdecode(self.path)} has no overlay2 image store ({exc.strerror}); "
                 "give --docker-root, or the daemon keeps images in containerd"
             ) from exc
-        repositories = _read_json(store + b"/repositories.json").get("Repositories") or {}
+        names = store + b"/repositories.json"  # absent until an image is tagged
+        repositories = (_read_json(names) if os.path.exists(names) else {}).get("Repositories")
+        repositories = repositories if isinstance(repositories, dict) else {}
         tags: dict[str, str] = {}
         for repo in repositories.values():
-            tags.update({ref_: iid for ref_, iid in repo.items() if isinstance(iid, str)})
+            if isinstance(repo, dict):
+                tags.update({name: iid for name, iid in repo.items() if isinstance(iid, str)})
         wanted = ref.removeprefix("docker.io/").removeprefix("library/")
         if "@" not in wanted and ":" not in wanted.rsplit("/", 1)[-1]:
             wanted += ":latest"

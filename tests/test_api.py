@@ -6,7 +6,6 @@ The kit at the top (``ApiRun``, ``running``, ``unix_session``, ``read_sse``) is 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import doctest
@@ -30,8 +29,7 @@ import pytest
 from overlay import requires_overlay
 from yarl import URL
 
-from watcher.cli import remote
-from watcher.cli.main import service_for
+from watcher.cli.main import build_parser, service_for
 from watcher.core.model import Kind
 from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.delivery.schemas import schema_for
@@ -670,10 +668,8 @@ async def test_cli_client_status_diff_and_tail(
 
 
 def test_remote_commands_parse() -> None:
-    """add_remote_commands adds status and tail with their options."""
-    parser = argparse.ArgumentParser(prog="layerwatch")
-    sub = parser.add_subparsers(dest="command", required=True)
-    remote.add_remote_commands(sub)
+    """The CLI has status and tail with their options."""
+    parser = build_parser()
     args = parser.parse_args(["tail", "--since", "3", "--mount", "m", "--server", "/x.sock"])
     assert (args.command, args.since, args.mount, args.server) == ("tail", 3, "m", "/x.sock")
     args = parser.parse_args(["status", "--server", "http://127.0.0.1:1", "--token-file", "/t"])

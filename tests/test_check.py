@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -14,7 +13,8 @@ import structlog
 from overlay import mount_overlay, requires_overlay, unmount
 
 from watcher.cli import check as check_mod
-from watcher.cli.check import Finding, add_check_command, check, exit_status, format_findings
+from watcher.cli.check import Finding, check, exit_status, format_findings
+from watcher.cli.main import build_parser
 from watcher.core.mounts import find_mount
 from watcher.live.inotify import Inotify
 
@@ -278,11 +278,8 @@ def test_unprivileged_managed_mount(setup: Setup, monkeypatch: pytest.MonkeyPatc
 
 
 def _cli(argv: list[str]) -> int:
-    """Run the command as cli.py wires it; the logging it configures is put back after."""
-    parser = argparse.ArgumentParser(prog="layerwatch")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_check_command(sub)
-    args = parser.parse_args(argv)
+    """Run the command as the CLI wires it; the logging it configures is put back after."""
+    args = build_parser().parse_args(argv)
     saved = structlog.get_config()
     try:
         status: int = args.func(args)

@@ -562,3 +562,148 @@ def test_installed_command_prints_help() -> None:
     proc = subprocess.run([script, "--help"], capture_output=True, timeout=60, check=False)
     assert proc.returncode == 0
     assert all(name in proc.stdout.decode() for name in SUBCOMMANDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# diff --format, --exit-code; --version; what each command imports
+
+
+def test_diff_format_fills_kind_and_path_per_change(odd_names: tuple[Path, Path]) -> None:
+    """--format prints the template once per change: {{.Kind}}, {{.Path}} (escaped as the
+    default output), JSON forms, and \\t as a tab."""
+    lower, upper = odd_names
+    layers = ("--lower", lower, "--upper", upper)
+    lines = diff_lines(*layers, "--format", r"{{.Path}}\t{{ .Kind }}")
+    assert lines[:3] == ["/a\tC", "/a-b\tA", "/a.c\tA"]
+    assert r"/bad\xffname	A" in lines
+    rows = [orjson.loads(line) for line in diff_lines(*layers, "--format", "{{json .}}")]
+    assert rows[0] == {"kind": "C", "path": "/a"}
+    assert {"kind": "A", "path_b64": base64.b64encode(b"/bad\xffname").decode()} in rows
+    assert diff_lines(*layers, "--format", "{{json .Path}}")[-1] == r'"/nl\\x0aname"'
+
+
+def test_diff_format_with_an_unknown_placeholder_is_one_error_line(
+    odd_names: tuple[Path, Path],
+) -> None:
+    """An unknown placeholder is an error naming it and the ones that exist."""
+    lower, upper = odd_names
+    line = fails("diff", "--lower", lower, "--upper", upper, "--format", "{{.Name}}")
+    assert "unknown placeholder {{.Name}}" in line
+    assert "{{.Kind}}" in line
+
+
+def test_diff_exit_code_is_1_with_changes_0_without_2_on_an_error(
+    odd_names: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--exit-code: 1 when the list has entries, 0 when empty, 2 when the diff failed."""
+    lower, upper = odd_names
+    changed = run_cli("diff", "--exit-code", "--lower", lower, "--upper", upper)
+    assert changed.returncode == 1
+    assert len(changed.stdout.splitlines()) == len(ODD_EXPECTED)
+    (tmp_path / "empty").mkdir()
+    unchanged = run_cli("diff", "--exit-code", "--lower", lower, "--upper", tmp_path / "empty")
+    assert (unchanged.returncode, unchanged.stdout) == (0, b"")
+    broken = run_cli("diff", "--exit-code", "--lower", lower, "--upper", tmp_path / "missing")
+    assert broken.returncode == 2
+    assert broken.stderr.startswith(b"layerwatch: error: ")
+    assert run_cli("diff", "--lower", lower, "--upper", upper).returncode == 0
+
+
+def test_version_flag_prints_the_installed_version() -> None:
+    """`layerwatch --version` exits 0 and prints `layerwatch VERSION`, the version
+    `watcher.__version__` and the distribution's metadata give."""
+    from importlib.metadata import version
+
+    import watcher
+
+    assert watcher.__version__ == version("layerwatch")
+    assert ok("--version").decode() == f"layerwatch {version('layerwatch')}\n"
+
+
+def test_version_without_distribution_metadata_is_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run from a tree that was never installed, the version says so instead of failing."""
+    import importlib.metadata
+
+    from watcher.core.version import UNKNOWN, installed_version
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert installed_version() == UNKNOWN
+
+
+def _modules_after(*argv: str) -> set[str]:
+    """The modules loaded by the time `layerwatch ARGV` returns, in a fresh interpreter."""
+    program = (
+        "import sys\n"
+        "from watcher.cli.main import main\n"
+        f"status = main({list(argv)!r})\n"
+        "sys.stdout.flush()\n"
+        "sys.stderr.write(' '.join(sorted(sys.modules)))\n"
+        "sys.exit(status)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, timeout=60, check=False, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return set(proc.stderr.decode().split())
+
+
+def test_diff_imports_neither_aiohttp_nor_the_service(odd_names: tuple[Path, Path]) -> None:
+    """`layerwatch diff` loads no aiohttp, no HTTP layer, no asyncio and no service: each
+    command imports only what it runs."""
+    lower, upper = odd_names
+    loaded = _modules_after("diff", "--lower", str(lower), "--upper", str(upper))
+    assert "watcher.cli.diff" in loaded
+    heavy = {"aiohttp", "asyncio", "structlog", "watcher.http", "watcher.service"}
+    assert not {m for m in loaded if m.split(".")[0] in heavy or m.rsplit(".", 1)[0] in heavy}
+
+
+def test_the_parser_constants_match_what_they_stand_for() -> None:
+    """The values the parser spells out (so as not to import their modules) are the real ones."""
+    from watcher.cli.main import DEFAULT_SOCKET as PARSER_SOCKET
+    from watcher.cli.main import DRIVERS
+    from watcher.core.mounts import Driver
+    from watcher.service.config import DEFAULT_SOCKET
+
+    assert str(DEFAULT_SOCKET) == PARSER_SOCKET
+    assert tuple(d.value for d in Driver) == DRIVERS
+
+
+def test_lineformat_docstring_example_runs() -> None:
+    """The --format module's docstring example prints what it shows."""
+    import doctest
+
+    from watcher.cli import lineformat
+
+    result = doctest.testmod(lineformat)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+def test_diff_of_a_containerd_container_by_id_prefix_and_kubernetes_name(
+    stacked: Overlay, tmp_path: Path
+) -> None:
+    """A running containerd container (its rootfs mounted where containerd mounts it, found
+    by discovery's recogniser) is diffed by id, id prefix or Kubernetes container name; a
+    name nothing has exits 2 saying where it looked. The layout is containerd's, made by the
+    test: no containerd runs here."""
+    state = tmp_path / "run-containerd"
+    bundle = state / "io.containerd.runtime.v2.task" / "k8s.io" / "abc123def"
+    annotations = {"io.kubernetes.cri.container-name": "app"}
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text(orjson.dumps({"annotations": annotations}).decode())
+    where = ("--docker-root", tmp_path / "no-docker", "--containerd-state", state)
+    with mount_overlay(str(tmp_path / "ctd"), list(stacked.lowers), merged=str(bundle / "rootfs")):
+        run_ops(str(bundle / "rootfs"), "rm etc/passwd && echo g > etc/gone")
+        expected = ["C /etc", "A /etc/gone", "D /etc/passwd"]
+        for ref in ("abc123def", "abc", "app"):
+            assert diff_lines(ref, *where) == expected, ref
+        proc = run_cli("diff", "nothing", *where)
+    assert proc.returncode == 2
+    err = proc.stderr.decode()
+    assert "no-docker is not a Docker data root" in err
+    assert f"no running containerd container under {state} is 'nothing'" in err

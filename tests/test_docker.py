@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -278,3 +279,177 @@ async def test_service_follows_containers_live(docker: Docker, tmp_path: Path) -
         assert mine, f"no events for container {cids[cid]}"
         assert all(d["labels"]["container_id"] == cid for d in mine)
         assert all(d["labels"]["runtime"] == "docker" for d in mine)
+
+
+# ---------------------------------------------------------------------------------------------
+# `layerwatch diff CONTAINER` and `layerwatch diff --image`, against the same dockerd
+
+CLI_OPS = (
+    "mkdir -p new/a/b && echo n > new/a-b && echo more >> data/file1 && rm data/file2"
+    " && rm -rf data/sub && mkdir data/sub && echo q > data/sub/a && chmod 700 data/dir2"
+)
+
+
+def _layerwatch(docker: Docker, *args: str) -> subprocess.CompletedProcess[str]:
+    """``layerwatch ARGS --docker-root ROOT`` in a child process (this checkout's code)."""
+    return subprocess.run(
+        [sys.executable, "-m", "watcher.cli", *args, "--docker-root", str(docker.data_root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def _by_path(lines: list[str]) -> list[str]:
+    """``K /path`` lines sorted by path bytes: layerwatch's order. `docker diff` prints the same
+    lines in an order that changes from call to call (Go map iteration: six calls on one
+    container gave five orders), so its output is compared sorted."""
+    return sorted(lines, key=lambda line: line[2:].encode())
+
+
+def test_cli_diff_of_a_container_prints_what_docker_diff_prints(docker: Docker) -> None:
+    """`layerwatch diff` by name, full id and short id prints the lines `docker diff` prints
+    (sorted by path), while the container runs and after it stopped (read from its layer
+    dirs then); with --exit-code and --format it exits 1 and prints the template."""
+    with _container(docker, "lw-cli-diff") as cid:
+        docker.run("exec", "-w", "/", cid, "/bin/sh", "-c", CLI_OPS)
+        for state in ("running", "stopped"):
+            if state == "stopped":
+                docker.run("stop", "-t", "0", cid)
+                assert not _mounted(docker, cid), "the stopped container is still mounted"
+            expected = _by_path(docker.run("diff", "lw-cli-diff").splitlines())
+            assert "A /new/a-b" in expected
+            for ref in ("lw-cli-diff", cid, cid[:7]):
+                proc = _layerwatch(docker, "diff", ref)
+                assert (proc.returncode, proc.stderr) == (0, ""), (state, ref)
+                assert proc.stdout.splitlines() == expected, (state, ref)
+            proc = _layerwatch(docker, "diff", "--exit-code", "--format", "{{.Path}}", cid[:12])
+            assert proc.returncode == 1
+            assert proc.stdout.splitlines() == [line[2:] for line in expected]
+
+
+def _mounted(docker: Docker, cid: str) -> bool:
+    layer = (
+        (docker.data_root / "image/overlay2/layerdb/mounts" / cid / "mount-id").read_text().strip()
+    )
+    merged = f"{docker.data_root}/overlay2/{layer}/merged"
+    table = Path("/proc/self/mountinfo").read_text().splitlines()
+    return any(line.split()[4] == merged for line in table)
+
+
+def test_cli_diff_of_an_unknown_container_exits_2_naming_the_candidates(docker: Docker) -> None:
+    """A name no container has exits 2 with one error line that lists the containers."""
+    with _container(docker, "lw-cli-known") as cid:
+        proc = _layerwatch(docker, "diff", "no-such-container")
+        assert proc.returncode == 2
+        assert proc.stdout == ""
+        [line] = proc.stderr.splitlines()
+        assert line.startswith("layerwatch: error: no such container: 'no-such-container'")
+        assert f"lw-cli-known ({cid[:12]})" in line
+
+
+def test_cli_diff_of_an_image_layer_lists_what_the_layer_did(docker: Docker) -> None:
+    """`diff --image NAME --layer N`: the committed layer lists what `docker diff` listed for
+    the container it was committed from; the base layer lists every path of the imported tar
+    as added."""
+    with _container(docker, "lw-cli-commit") as cid:
+        docker.run("exec", "-w", "/", cid, "/bin/sh", "-c", CLI_OPS)
+        expected = _by_path(docker.run("diff", cid).splitlines())
+        docker.run("commit", cid, "layerwatch-test:committed")
+    try:
+        for layer in ("1", "-1"):
+            proc = _layerwatch(
+                docker, "diff", "--image", "layerwatch-test:committed", "--layer", layer
+            )
+            assert (proc.returncode, proc.stderr) == (0, ""), layer
+            assert proc.stdout.splitlines() == expected
+        diff_id = orjson.loads(docker.run("image", "inspect", "layerwatch-test:committed"))[0][
+            "RootFS"
+        ]["Layers"][1]
+        proc = _layerwatch(
+            docker, "diff", "--image", "layerwatch-test:committed", "--layer", diff_id[:19]
+        )
+        assert proc.stdout.splitlines() == expected
+        base = _layerwatch(docker, "diff", "--image", IMAGE, "--layer", "0")
+        assert base.returncode == 0, base.stderr
+        with tarfile.open(fileobj=io.BytesIO(_image_tar(Path(tempfile.mkdtemp())))) as tar:
+            names = {"/" + m.name.removeprefix("./") for m in tar.getmembers() if m.name != "."}
+        assert set(base.stdout.splitlines()) == {f"A {name}" for name in names}
+        proc = _layerwatch(docker, "diff", "--image", IMAGE, "--layer", "1")
+        assert proc.returncode == 2
+        assert "has 1 layers" in proc.stderr
+    finally:
+        docker.run("rmi", "layerwatch-test:committed")
+
+
+def _ctr(docker: Docker, *args: str) -> str:
+    """``ctr`` against the containerd this dockerd runs, in a namespace of the test's own."""
+    sock = docker.data_root.parent / "exec" / "containerd" / "containerd.sock"
+    proc = subprocess.run(
+        ["ctr", "-a", str(sock), "-n", "layerwatch-test", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"ctr {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def test_cli_diff_of_a_containerd_container(docker: Docker) -> None:
+    """A container run by containerd itself (`ctr run`, overlayfs snapshotter; dockerd's own
+    containerd, in a namespace of its own) is found by name through discovery's containerd
+    recogniser, and its list is the one `docker diff` gives for the same operations on the
+    same image (the lines containerd's runtime adds itself aside: /run, its default mount)."""
+    if shutil.which("ctr") is None:
+        pytest.skip("ctr not installed (Debian containerd): no containerd container")
+    state = docker.data_root.parent / "exec" / "containerd" / "daemon"
+    with _container(docker, "lw-cli-twin") as cid:
+        docker.run("exec", "-w", "/", cid, "/bin/sh", "-c", CLI_OPS)
+        expected = _by_path(docker.run("diff", cid).splitlines())
+    image = subprocess.run(
+        [docker.docker, "save", IMAGE], env=docker.env, capture_output=True, check=True, timeout=60
+    ).stdout
+    sock = docker.data_root.parent / "exec" / "containerd" / "containerd.sock"
+    subprocess.run(
+        ["ctr", "-a", str(sock), "-n", "layerwatch-test", "images", "import", "-"],
+        input=image,
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    ref = f"docker.io/library/{IMAGE}"
+    _ctr(docker, "run", "-d", "--snapshotter", "overlayfs", ref, "lw-ctd", "/bin/sleep", "600")
+    try:
+        _ctr(
+            docker,
+            "task",
+            "exec",
+            "--exec-id",
+            "ops",
+            "--cwd",
+            "/",
+            "lw-ctd",
+            "/bin/sh",
+            "-c",
+            CLI_OPS,
+        )
+        for name in ("lw-ctd", "lw-ct"):
+            proc = _layerwatch(docker, "diff", name, "--containerd-state", str(state))
+            assert (proc.returncode, proc.stderr) == (0, ""), name
+            got = proc.stdout.splitlines()
+            assert [line for line in got if line != "A /run"] == expected, name
+    finally:
+        with contextlib.suppress(AssertionError):
+            _ctr(docker, "task", "kill", "-s", "KILL", "lw-ctd")
+        for _ in range(50):
+            try:
+                _ctr(docker, "task", "rm", "-f", "lw-ctd")
+                break
+            except AssertionError:
+                time.sleep(0.1)
+        _ctr(docker, "containers", "rm", "lw-ctd")
+        _ctr(docker, "images", "rm", ref)

@@ -1,12 +1,15 @@
 """layerwatch: live change lists of union filesystems, published as events.
 
-The public API; everything else in the package is implementation.
+The public API; everything else in the package is implementation. ``watcher.__version__`` is
+the installed distribution's version (``"0+unknown"`` when run from a tree never installed),
+looked up on first use.
 """
 
 from watcher.core.errors import (
     ConfigError,
     LayerError,
     LayerwatchError,
+    LookupFailed,
     MountError,
     PathError,
     SinkRejected,
@@ -25,6 +28,7 @@ __all__ = [
     "Kind",
     "LayerError",
     "LayerwatchError",
+    "LookupFailed",
     "LowerStack",
     "MountError",
     "Op",
@@ -36,5 +40,15 @@ __all__ = [
     "WatchError",
     "WatchLimitError",
     "Whiteouts",
+    "__version__",
     "compute",
 ]
+
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read from the distribution's metadata when first asked for."""
+    if name == "__version__":
+        from watcher.core.version import installed_version
+
+        return installed_version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,10 +33,10 @@ from watcher.service.config import Config, MountConfig
 
 __all__ = [
     "Finding",
-    "add_check_command",
     "check",
     "exit_status",
     "format_findings",
+    "run",
 ]
 
 Level = Literal["ok", "warn", "error"]
@@ -463,7 +463,9 @@ def _human(n: int) -> str:
 # -- command line ----------------------------------------------------------------------------
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``layerwatch check CONFIG [--json]``: print the findings (stdout is the command's
+    product) and return the exit status, 1 when any finding is an error, else 0."""
     log.configure(level="warning")  # stdout is the findings; logs go to stderr
     findings = check(args.config)
     if args.json:
@@ -473,16 +475,3 @@ def _cmd_check(args: argparse.Namespace) -> int:
         sys.stdout.write(format_findings(findings))
     sys.stdout.flush()
     return exit_status(findings)
-
-
-def add_check_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``check CONFIG [--json]`` to the ``layerwatch`` subcommands.
-
-    The command prints the findings (stdout is its product) and its function returns the
-    exit status: 1 when any finding is an error, else 0.
-    """
-    help_ = "check a config and this machine: kernel, privileges, layers, spool, sinks, limits"
-    parser = sub.add_parser("check", help=help_, description=help_)
-    parser.add_argument("config", help="the TOML configuration file")
-    parser.add_argument("--json", action="store_true", help="findings as a JSON array")
-    parser.set_defaults(func=_cmd_check)

@@ -3,6 +3,8 @@
 - ``LayerwatchError`` is the root: the CLI turns any of these into a one-line message and a
   non-zero exit; nothing below the CLI exits the process.
 - ``ConfigError``, ``LayerError``: bad input; fix the input and try again.
+- ``LookupFailed``: a name given on the command line (a container, an image, a layer) names
+  nothing, or more than one thing; the message names the candidates. Fix the name.
 - ``MountError``: the kernel refused a mount operation (busy, not mounted, already mounted).
 - ``WatchError`` / ``WatchLimitError``: inotify could not watch something; the tracker
   degrades to periodic rescans.
@@ -29,6 +31,15 @@ class ConfigError(LayerwatchError):
 
 class LayerError(LayerwatchError):
     """A layer (lower, upper, work) directory is missing, unusable or badly named."""
+
+
+class LookupFailed(LayerwatchError):
+    """A container, image or layer reference is unknown or ambiguous; the message lists the
+    candidates it could have meant. ``ambiguous`` tells the two apart."""
+
+    def __init__(self, message: str, *, ambiguous: bool = False) -> None:
+        super().__init__(message)
+        self.ambiguous = ambiguous
 
 
 class PathError(LayerwatchError):

@@ -9,7 +9,8 @@ Recognisers label what they know about each mount:
 
 - Docker ``overlay2``: mountpoint ``DATA_ROOT/overlay2/<layer>/merged``. The container is
   the one whose ``DATA_ROOT/image/overlay2/layerdb/mounts/<cid>/mount-id`` names the layer;
-  its name and image come from ``DATA_ROOT/containers/<cid>/config.v2.json``. The
+  its name and image come from ``DATA_ROOT/containers/<cid>/config.v2.json`` (the layout is
+  ``watcher.live.docker``'s, which ``layerwatch diff CONTAINER`` reads too). The
   ``<layer>-init`` mounts dockerd makes while creating a container are left out.
 - containerd: mountpoint ``STATE/io.containerd.runtime.v2.task/<namespace>/<id>/rootfs``
   (upper under ``.../snapshots/<n>/fs``); Kubernetes names come from the bundle's
@@ -36,6 +37,7 @@ import structlog
 
 from watcher.core.errors import MountError
 from watcher.core.mounts import MountInfo, read_mountinfo
+from watcher.live.docker import DockerRoot
 
 __all__ = ["Discovered", "MountChange", "MountEvent", "MountSource"]
 
@@ -249,7 +251,7 @@ class MountSource:
         labels = {"runtime": "docker", "layer_id": os.fsdecode(layer)}
         cid = self._docker_mounts.get(layer)
         if cid is None:
-            self._docker_mounts = self._read_docker_mounts()
+            self._docker_mounts = DockerRoot(self._docker).layer_owners()
             cid = self._docker_mounts.get(layer)
         if cid is None:
             return labels  # an image build step, or a container created outside the root
@@ -262,22 +264,6 @@ class MountSource:
         if isinstance(image, str):
             labels["image"] = image
         return labels
-
-    def _read_docker_mounts(self) -> dict[bytes, bytes]:
-        """Layer id -> container id, from Docker's layer store."""
-        mounts_dir = self._docker + b"/image/overlay2/layerdb/mounts"
-        out: dict[bytes, bytes] = {}
-        try:
-            cids = os.listdir(mounts_dir)
-        except OSError:
-            return out
-        for cid in cids:
-            try:
-                with open(mounts_dir + b"/" + cid + b"/mount-id", "rb") as f:
-                    out[f.read().strip()] = cid
-            except OSError:
-                continue
-        return out
 
     def _containerd_labels(self, mountpoint: bytes) -> dict[str, str] | None:
         tasks = self._containerd + b"/" + _CONTAINERD_TASKS + b"/"

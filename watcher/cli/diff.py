@@ -1,0 +1,76 @@
+"""``layerwatch diff``: print a change list, the way ``docker diff`` prints it.
+
+Of a mountpoint, of ``--upper``/``--lower`` directories, of a container (Docker or
+containerd, running or stopped), of one image layer (``--image``), or of a running service's
+mount (``--server``). The output is ``K /path`` lines sorted by path bytes, ``--json`` or a
+``--format`` template; with ``--exit-code`` the status says whether anything changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from watcher.cli import target
+from watcher.cli.lineformat import LineFormat, escape_path
+from watcher.core.errors import LayerwatchError
+from watcher.core.model import Change
+
+__all__ = ["run"]
+
+
+def _changes(args: argparse.Namespace) -> list[Change]:
+    if args.image is not None:
+        if args.mountpoint is not None or args.upper or args.lower or args.server:
+            raise LayerwatchError("--image takes no MOUNTPOINT, --upper, --lower or --server")
+        layer = "-1" if args.layer is None else args.layer
+        return target.image_layer(args.image, layer, docker_root=args.docker_root).changes()
+    if args.layer is not None:
+        raise LayerwatchError("--layer needs --image")
+    if args.server is not None:
+        from watcher.cli import remote
+
+        return remote.diff(args)
+    if args.mountpoint is not None and target.is_container_ref(args.mountpoint):
+        if args.lower or args.upper:
+            raise LayerwatchError("give either a container or --lower/--upper, not both")
+        fs = target.container(
+            args.mountpoint, docker_root=args.docker_root, containerd_state=args.containerd_state
+        )
+        return fs.changes()
+    return target.filesystem(args).changes()
+
+
+def _write(changes: Sequence[Change], args: argparse.Namespace, line: LineFormat | None) -> None:
+    out = sys.stdout.buffer
+    if args.json:
+        import orjson
+
+        from watcher.delivery.events import path_fields
+
+        rows = [{"kind": str(c.kind), **path_fields(c.path)} for c in changes]
+        out.write(orjson.dumps(rows) + b"\n")
+    elif line is not None:
+        out.write("".join(line.render(c) for c in changes).encode())
+    else:
+        out.write("".join(f"{c.kind} {escape_path(c.path)}\n" for c in changes).encode())
+    out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the change list ``args`` point at.
+
+    Returns:
+        0; with ``--exit-code``, 1 when the list is not empty.
+
+    Raises:
+        LayerwatchError: conflicting options or a bad ``--format``; and whatever finding the
+            target raises (``LookupFailed``, ``LayerError``, ``MountError``).
+    """
+    if args.json and args.format is not None:
+        raise LayerwatchError("give --json or --format, not both")
+    line = LineFormat(args.format) if args.format is not None else None
+    changes = _changes(args)
+    _write(changes, args, line)
+    return 1 if args.exit_code and changes else 0

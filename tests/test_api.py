@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -393,6 +394,14 @@ async def test_changes_since_a_position_from_the_spool(tmp_path: Path) -> None:
             assert (await resp.json())["oldest"] == 0
         async with s.get("/v1/mounts/m/changes?since=yesterday") as resp:
             assert resp.status == 400
+        (run.merged / "f2").unlink()
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "watcher.cli", "diff", "--server", str(run.socket),
+            "--since", str(answer["seq"]), "--exit-code", "m",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await cli.communicate()
+        assert (cli.returncode, out, err) == (1, b"- /f2\n", b"")
 
 
 # -- files, dirs, export --------------------------------------------------------------------

@@ -58,6 +58,36 @@ def _write(changes: Sequence[Change], args: argparse.Namespace, line: LineFormat
     out.flush()
 
 
+def _since(args: argparse.Namespace) -> int:
+    """``--since N --server S``: each path changed after N once, its kind now or ``-`` when
+    it is as in the image again; ``--json`` prints the API's whole answer (with ``seq``, the
+    position to ask from next time)."""
+    if args.server is None:
+        raise LayerwatchError("--since needs --server (the positions are the service's)")
+    if args.format is not None or args.image is not None:
+        raise LayerwatchError("--since takes no --format or --image")
+    from watcher.cli import remote
+
+    answer = remote.diff_since(args)
+    out = sys.stdout.buffer
+    if args.json:
+        import orjson
+
+        out.write(orjson.dumps(answer) + b"\n")
+    else:
+        from watcher.http.client import row_path
+
+        lines = [f"{r['kind'] or '-'} {escape_path(row_path(r))}\n" for r in answer["changes"]]
+        out.write("".join(lines).encode())
+        if answer["resync"]:
+            print(
+                f"layerwatch: a resync came after {answer['since']}: this is the whole list",
+                file=sys.stderr,
+            )
+    out.flush()
+    return 1 if args.exit_code and answer["changes"] else 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the change list ``args`` point at.
 
@@ -70,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     """
     if args.json and args.format is not None:
         raise LayerwatchError("give --json or --format, not both")
+    if args.since is not None:
+        return _since(args)
     line = LineFormat(args.format) if args.format is not None else None
     changes = _changes(args)
     _write(changes, args, line)

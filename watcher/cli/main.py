@@ -278,6 +278,12 @@ def _add_diff_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="exit 1 when there are changes, 0 when none, 2 on an error (like git diff)",
     )
+    parser.add_argument(
+        "--since",
+        metavar="SEQ|EPOCH:SEQ",
+        help="with --server: the paths changed after that position and what they are now "
+        "('-': as in the image again)",
+    )
 
 
 def _add_layer_args(parser: argparse.ArgumentParser) -> None:

@@ -14,11 +14,12 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from watcher.core.errors import LayerwatchError
 from watcher.core.model import Change
 
-__all__ = ["diff", "status", "tail"]
+__all__ = ["diff", "diff_since", "status", "tail"]
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -35,6 +36,14 @@ def diff(args: argparse.Namespace) -> list[Change]:
     from watcher.http.client import fetch_changes
 
     return asyncio.run(fetch_changes(args.server, _token(args), args.mountpoint))
+
+
+def diff_since(args: argparse.Namespace) -> dict[str, Any]:
+    """``layerwatch diff --server S --since N [MOUNT]``: what changed after N (the API's
+    answer)."""
+    from watcher.http.client import fetch_changes_since
+
+    return asyncio.run(fetch_changes_since(args.server, _token(args), args.mountpoint, args.since))
 
 
 def status(args: argparse.Namespace) -> int:

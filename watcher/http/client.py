@@ -12,7 +12,7 @@ import base64
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any, BinaryIO, Final
 
 import aiohttp
@@ -21,7 +21,7 @@ from watcher.core.errors import LayerwatchError
 from watcher.core.model import Change, Kind
 from watcher.service.config import DEFAULT_SOCKET
 
-__all__ = ["ServerError", "fetch_changes", "status", "tail"]
+__all__ = ["ServerError", "fetch_changes", "fetch_changes_since", "row_path", "status", "tail"]
 
 _RETRY_CAP: Final = 10.0
 _NO_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_read=None)
@@ -71,18 +71,37 @@ async def fetch_changes(server: str | None, token: str | None, mount: str | None
     Raises:
         ServerError: unreachable, or the API refused (unknown mount, ...).
     """
+    body = await _changes(server, token, mount, "")
+    return [Change(row_path(row), Kind(row["kind"])) for row in body["changes"]]
+
+
+async def fetch_changes_since(
+    server: str | None, token: str | None, mount: str | None, since: str
+) -> dict[str, Any]:
+    """What changed in a mount after position ``since`` (``SEQ`` or ``EPOCH:SEQ``), after a
+    sync barrier: the API's answer as is (``docs/api.md``).
+
+    Raises:
+        ServerError: unreachable, or the API refused (unknown mount, a position it no longer
+            keeps: 410, ...).
+    """
+    answer: dict[str, Any] = await _changes(server, token, mount, f"&since={since}")
+    return answer
+
+
+async def _changes(server: str | None, token: str | None, mount: str | None, query: str) -> Any:
     async with _session(server, token) as session:
         if mount is None:
             names = [m["name"] for m in (await _get_json(session, "/v1/mounts"))["mounts"]]
             if len(names) != 1:
                 raise ServerError(f"name the mount: the service follows {', '.join(names)}")
             mount = names[0]
-        body = await _get_json(session, f"/v1/mounts/{mount}/changes?sync=1")
-    out = []
-    for row in body["changes"]:
-        path = os.fsencode(row["path"]) if "path" in row else _b64(row["path_b64"])
-        out.append(Change(path, Kind(row["kind"])))
-    return out
+        return await _get_json(session, f"/v1/mounts/{mount}/changes?sync=1{query}")
+
+
+def row_path(row: Mapping[str, Any]) -> bytes:
+    """The path of an API row (``path``, or ``path_b64`` for a name that is not UTF-8)."""
+    return os.fsencode(row["path"]) if "path" in row else _b64(row["path_b64"])
 
 
 def _b64(text: str) -> bytes:

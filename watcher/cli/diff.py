@@ -9,52 +9,91 @@ mount (``--server``). The output is ``K /path`` lines sorted by path bytes, ``--
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from watcher.cli import target
 from watcher.cli.lineformat import LineFormat, escape_path
 from watcher.core.errors import LayerwatchError
-from watcher.core.model import Change
+from watcher.core.model import Change, Content, Kind
+from watcher.core.mounts import Filesystem
 
 __all__ = ["run"]
 
 
-def _changes(args: argparse.Namespace) -> list[Change]:
+def _changes(args: argparse.Namespace) -> tuple[list[Change], Filesystem | None]:
+    """The list ``args`` point at, and the filesystem it was computed from (None: a
+    service's)."""
     if args.image is not None:
         if args.mountpoint is not None or args.upper or args.lower or args.server:
             raise LayerwatchError("--image takes no MOUNTPOINT, --upper, --lower or --server")
         layer = "-1" if args.layer is None else args.layer
-        return target.image_layer(args.image, layer, docker_root=args.docker_root).changes()
+        fs = target.image_layer(args.image, layer, docker_root=args.docker_root)
+        return fs.changes(), fs
     if args.layer is not None:
         raise LayerwatchError("--layer needs --image")
     if args.server is not None:
         from watcher.cli import remote
 
-        return remote.diff(args)
+        return remote.diff(args), None
     if args.mountpoint is not None and target.is_container_ref(args.mountpoint):
         if args.lower or args.upper:
             raise LayerwatchError("give either a container or --lower/--upper, not both")
         fs = target.container(
             args.mountpoint, docker_root=args.docker_root, containerd_state=args.containerd_state
         )
-        return fs.changes()
-    return target.filesystem(args).changes()
+        return fs.changes(), fs
+    fs = target.filesystem(args)
+    return fs.changes(), fs
 
 
-def _write(changes: Sequence[Change], args: argparse.Namespace, line: LineFormat | None) -> None:
+def _digests(changes: Sequence[Change], fs: Filesystem) -> dict[bytes, Content]:
+    """``--hash``: the content of every A/C regular file of the list."""
+    from watcher.core.digest import Digester
+
+    digester = Digester.of(fs, budget=math.inf)
+    out = {}
+    for change in changes:
+        if change.kind is not Kind.DELETED:
+            content = digester.content(change.path)
+            if content.skipped != "gone":  # not a regular file (a dir, a symlink...)
+                out[change.path] = content
+    return out
+
+
+def _write(
+    changes: Sequence[Change],
+    args: argparse.Namespace,
+    line: LineFormat | None,
+    digests: Mapping[bytes, Content],
+) -> None:
     out = sys.stdout.buffer
     if args.json:
         import orjson
 
         from watcher.delivery.events import path_fields
 
-        rows = [{"kind": str(c.kind), **path_fields(c.path)} for c in changes]
+        rows: list[dict[str, str | None]] = [
+            {"kind": str(c.kind), **path_fields(c.path)} for c in changes
+        ]
+        if args.hash:
+            for row, change in zip(rows, changes, strict=True):
+                content = digests.get(change.path)
+                if content is not None:
+                    row["sha256"] = content.sha256
+                    if content.skipped is not None:
+                        row["sha256_skipped"] = content.skipped
         out.write(orjson.dumps(rows) + b"\n")
     elif line is not None:
         out.write("".join(line.render(c) for c in changes).encode())
     else:
-        out.write("".join(f"{c.kind} {escape_path(c.path)}\n" for c in changes).encode())
+        lines = []
+        for c in changes:
+            content = digests.get(c.path)
+            tail = "" if content is None else f" {content.sha256 or f'({content.skipped})'}"
+            lines.append(f"{c.kind} {escape_path(c.path)}{tail}\n")
+        out.write("".join(lines).encode())
     out.flush()
 
 
@@ -103,6 +142,11 @@ def run(args: argparse.Namespace) -> int:
     if args.since is not None:
         return _since(args)
     line = LineFormat(args.format) if args.format is not None else None
-    changes = _changes(args)
-    _write(changes, args, line)
+    if args.hash and args.format is not None:
+        raise LayerwatchError("--hash prints with the default lines or --json, not --format")
+    changes, fs = _changes(args)
+    if args.hash and fs is None:
+        raise LayerwatchError("--hash reads the files: it needs the mount here, not --server")
+    digests = _digests(changes, fs) if args.hash and fs is not None else {}
+    _write(changes, args, line, digests)
     return 1 if args.exit_code and changes else 0

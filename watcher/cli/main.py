@@ -279,6 +279,12 @@ def _add_diff_args(parser: argparse.ArgumentParser) -> None:
         help="exit 1 when there are changes, 0 when none, 2 on an error (like git diff)",
     )
     parser.add_argument(
+        "--hash",
+        action="store_true",
+        help="the SHA-256 of each added or changed regular file after its path (read through "
+        "the mount, or in the upper dir); '(too_large)' over 64 MiB",
+    )
+    parser.add_argument(
         "--since",
         metavar="SEQ|EPOCH:SEQ",
         help="with --server: the paths changed after that position and what they are now "

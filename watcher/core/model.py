@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "SNAPSHOT_BEGIN",
     "SNAPSHOT_END",
     "Change",
+    "Content",
     "Control",
     "Item",
     "Kind",
@@ -72,11 +73,29 @@ class Change(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class Content:
+    """A regular file's content as hashed for an event, or why it was not.
+
+    Attributes:
+        sha256: the hex SHA-256 of the bytes read, or None.
+        skipped: why there is no digest: ``too_large`` (over the mount's ``hash_max_size``),
+            ``gone`` (removed or replaced before it was read), ``unreadable`` (an I/O or
+            permission error), ``budget`` (the batch's hashing time ran out), ``metacopy``
+            (an upper holding metadata only, read without a merged view).
+    """
+
+    sha256: str | None
+    skipped: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Transition:
     """A path's entry moved from ``prev_kind`` to ``kind`` (None: not in the list).
 
     ``kind == prev_kind`` is an activity event (a write to a path already in the list).
     ``stat`` is the entry's ``lstat`` in the merged view, or None when it is gone.
+    ``content`` is the file's digest when the mount hashes content (``core.digest``), else
+    None; it takes no part in equality.
     """
 
     path: bytes
@@ -84,6 +103,7 @@ class Transition:
     prev_kind: Kind | None
     op: Op
     stat: os.stat_result | None
+    content: Content | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

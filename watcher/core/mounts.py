@@ -29,6 +29,7 @@ __all__ = [
     "Filesystem",
     "MountInfo",
     "find_mount",
+    "open_in_root",
     "read_mountinfo",
 ]
 
@@ -201,6 +202,30 @@ class DirEntry:
 
     name: bytes
     st: os.stat_result
+
+
+def open_in_root(root: bytes | str, path: bytes | str, flags: int) -> int:
+    """Open ``path`` resolved inside the directory ``root`` as if it were ``/``: symlinks and
+    ``..`` cannot lead out (``openat2`` with ``RESOLVE_IN_ROOT``); the caller owns the fd.
+
+    Raises:
+        PathError: ``..`` or NUL in the path, or the open failed (the error names why).
+    """
+    raw = os.fsencode(path)
+    if b"\0" in raw or any(part == b".." for part in raw.split(b"/")):
+        raise PathError(f"path {raw!r} has '..' or NUL; give a plain path inside the root")
+    top = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        how = (ctypes.c_uint64 * 3)(
+            flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS
+        )
+        fd: int = _libc.syscall(_SYS_OPENAT2, top, raw.lstrip(b"/") or b".", how, 24)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise PathError(f"{os.fsdecode(raw)}: {os.strerror(err)}")
+        return fd
+    finally:
+        os.close(top)
 
 
 class Filesystem:
@@ -397,21 +422,7 @@ class Filesystem:
 
     def _open_in_root(self, path: bytes | str, flags: int) -> int:
         """Open ``path`` resolved inside the mount as if it were ``/`` (symlinks stay inside)."""
-        raw = os.fsencode(path)
-        if b"\0" in raw or any(part == b".." for part in raw.split(b"/")):
-            raise PathError(f"path {raw!r} has '..' or NUL; give a plain path inside the root")
-        root = os.open(self.mountpoint, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            how = (ctypes.c_uint64 * 3)(
-                flags | os.O_CLOEXEC, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS
-            )
-            fd: int = _libc.syscall(_SYS_OPENAT2, root, raw.lstrip(b"/") or b".", how, 24)
-            if fd < 0:
-                err = ctypes.get_errno()
-                raise PathError(f"{os.fsdecode(raw)}: {os.strerror(err)}")
-            return fd
-        finally:
-            os.close(root)
+        return open_in_root(self.mountpoint, path, flags)
 
     def open_file(self, path: bytes | str) -> BinaryIO:
         """Open a regular file inside the root for reading; symlinks resolve inside the root.

@@ -171,6 +171,11 @@ class EventEncoder:
                 "mtime_ns": str(st.st_mtime_ns),
             },
         }
+        content = transition.content
+        if content is not None:
+            data["sha256"] = content.sha256
+            if content.skipped is not None:
+                data["sha256_skipped"] = content.skipped
         if labels:
             data["labels"] = dict(labels)
         body = self._envelope(seq, CHANGE, subject(transition.path), data, now)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from watcher.core.digest import DEFAULT_BUDGET, DEFAULT_MAX_SIZE
 from watcher.core.errors import ConfigError
 from watcher.core.layers import Whiteouts
 
@@ -62,6 +63,9 @@ class MountConfig:
     lowers: tuple[Path, ...] = ()
     whiteouts: Whiteouts = Whiteouts.OVERLAY
     userxattr: bool = False
+    hash: bool = False
+    hash_max_size: int = DEFAULT_MAX_SIZE
+    hash_budget: float = DEFAULT_BUDGET
 
     @property
     def managed(self) -> bool:
@@ -273,6 +277,9 @@ def _mount(where: str, raw: object) -> MountConfig:
         lowers=t.paths("lowers"),
         whiteouts=whiteouts,
         userxattr=t.get("userxattr", bool, False),
+        hash=t.get("hash", bool, False),
+        hash_max_size=t.size("hash_max_size", DEFAULT_MAX_SIZE),
+        hash_budget=t.positive_duration("hash_budget", DEFAULT_BUDGET),
     )
     t.done()
     if mount.layers:

@@ -22,9 +22,10 @@ from typing import Final
 
 import structlog
 
+from watcher.core.digest import Digester
 from watcher.core.errors import ConfigError, LayerwatchError, MountError, SpoolError
 from watcher.core.layers import LowerStack
-from watcher.core.model import Change, Control, Item, Kind, Transition
+from watcher.core.model import Change, Control, Item, Kind, Transition, expand
 from watcher.core.mounts import Driver, Filesystem, find_mount
 from watcher.delivery.events import GAP, Record
 from watcher.delivery.intake import Intake
@@ -189,6 +190,7 @@ class Service:
         self.restarts: dict[str, int] = {}
         """Per component, how often it failed and was restarted."""
         self._starting: set[str] = set()
+        self._digesters: dict[str, Digester] = {}
         self._configured: set[bytes] = set()  # the upper dirs of the [[mounts]] entries
         self._discovered: dict[int, str] = {}  # kernel mount id -> the name it is followed as
 
@@ -293,7 +295,7 @@ class Service:
         logger.info("mount_reset", mount=mount)
         await asyncio.to_thread(state.fs.reset)
         await self.sync()
-        await self.publisher.publish(mount, state.tracker.resync("reset"))
+        await self._publish(mount, state.tracker.resync("reset"))
         await self.intake.flush()
 
     def reopen(self) -> None:
@@ -365,7 +367,7 @@ class Service:
                 epoch=spool.epoch,
             )
             inotify = stack.enter_context(Inotify())
-            hub = Hub(inotify, publisher.publish, rescan_interval=self.config.rescan_interval)
+            hub = Hub(inotify, self._publish, rescan_interval=self.config.rescan_interval)
             stack.callback(hub.close)
             self._runtime = Runtime(spool=spool, intake=intake, publisher=publisher, hub=hub)
             prepared = [(mount, *self._prepare_mount(mount, stack)) for mount in self.config.mounts]
@@ -544,6 +546,10 @@ class Service:
         """
         if labels:
             self.publisher.labels[mount.name] = dict(labels)
+        if mount.hash:
+            self._digesters[mount.name] = Digester.of(
+                fs, max_size=mount.hash_max_size, budget=mount.hash_budget
+            )
         branch = Branch.of(fs)
         resolve = None
         if labels is None and not mount.managed and mount.upper is None:  # not discovered
@@ -562,6 +568,14 @@ class Service:
             restart=persisted is not None,
             **(labels or {}),
         )
+
+    async def _publish(self, mount: str, items: list[Item]) -> None:
+        """The hub's outlet: a mount that hashes content gets its digests first, off the
+        event loop and within its budget (``core.digest``); then the publisher."""
+        digester = self._digesters.get(mount)
+        if digester is not None:
+            items = await asyncio.to_thread(digester.digest, expand(items))
+        await self.publisher.publish(mount, items)
 
     def _moved(self, name: str, fs: Filesystem) -> None:
         """An attached mount's mountpoint has a new overlay: the API shows its dirs."""

@@ -1,7 +1,11 @@
 """layerwatch: live change lists of union filesystems, published as events.
 
-The public API; everything else in the package is implementation.
+The public API; everything else in the package is implementation. ``awatch`` and ``Batch``
+(the embedding API, ``docs/embedding.md``) are imported on first use: they bring the live layer
+and its dependencies, which ``import watcher`` alone does not load.
 """
+
+from typing import TYPE_CHECKING
 
 from watcher.core.errors import (
     ConfigError,
@@ -19,7 +23,11 @@ from watcher.core.layers import LowerStack, Whiteouts
 from watcher.core.model import Change, Kind, Op, Transition
 from watcher.core.rules import compute
 
+if TYPE_CHECKING:
+    from watcher.live.feed import Batch, awatch
+
 __all__ = [
+    "Batch",
     "Change",
     "ConfigError",
     "Kind",
@@ -36,5 +44,17 @@ __all__ = [
     "WatchError",
     "WatchLimitError",
     "Whiteouts",
+    "awatch",
     "compute",
 ]
+
+_LAZY = frozenset({"Batch", "awatch"})
+
+
+def __getattr__(name: str) -> object:
+    """Import the embedding API on first use (PEP 562)."""
+    if name in _LAZY:
+        from watcher.live import feed
+
+        return getattr(feed, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

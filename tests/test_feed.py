@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 from conftest import OverlayFactory
-from overlay import LayerEntry, Overlay, build_layer, requires_overlay, run_ops
+from overlay import (
+    LayerEntry,
+    Overlay,
+    build_layer,
+    mount_overlay,
+    requires_overlay,
+    run_ops,
+)
 from test_overflow import sysctl
 
 import watcher
@@ -125,6 +132,25 @@ async def test_snapshot_first_then_changes_from_another_process(ovl: Overlay, fo
     assert not any(b.snapshot or b.resync_reason for b in seen)
     left = [t for b in seen for t in b.changes if t.path == b"/new.txt"]
     assert [(t.prev_kind, t.kind) for t in left][-1] == (Kind.ADDED, None)
+
+
+async def test_a_mountpoint_mounted_again_is_followed(ovl: Overlay, tmp_path: Path) -> None:
+    """awatch(mountpoint): an overlay mounted there again over a new upper (on top of the
+    first one) is followed, with a snapshot of resync_reason branch_replaced equal to the new
+    branch's list."""
+    async with contextlib.aclosing(awatch(ovl.merged, rescan_interval=0.05)) as feed:
+        first = await anext(feed)
+        (tmp_path / "again").mkdir()
+        with mount_overlay(str(tmp_path / "again"), ovl.lowers, merged=ovl.merged) as again:
+            run_ops(again.merged, "echo other > other.txt")
+            want = dict(compute(again.upper, again.lowers))
+            _, seen = await follow_until(
+                feed,
+                apply({}, first),
+                lambda s, b: s == want and any(x.snapshot for x in b),
+            )
+    assert want == {b"/other.txt": Kind.ADDED}
+    assert [b.resync_reason for b in seen if b.snapshot] == ["branch_replaced"]
 
 
 @pytest.mark.parametrize("how", ["break", "exception", "cancel", "aclosing"])

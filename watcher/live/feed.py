@@ -40,7 +40,7 @@ from watcher.core.model import (
 from watcher.core.mounts import Driver, Filesystem
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
-from watcher.live.tracker import Branch, Tracker
+from watcher.live.tracker import Branch, MountpointBranch, Tracker
 
 __all__ = ["Batch", "awatch"]
 
@@ -234,7 +234,10 @@ async def awatch(
         hub = Hub(inotify, assembler.publish, rescan_interval=rescan_interval)
         tasks: list[asyncio.Task[None] | asyncio.Task[bool]] = []
         try:
-            tracker = Tracker.of(name, Branch.of(fs), hub)
+            branch = Branch.of(fs)
+            # an attached mountpoint mounted again over a new upper: the new one is followed
+            resolve = MountpointBranch(fs, branch.lower) if mountpoint is not None else None
+            tracker = Tracker.of(name, branch, hub, resolve=resolve)
             start = asyncio.create_task(hub.follow(tracker), name="awatch-start")
             reader = asyncio.create_task(hub.run(), name="awatch-hub")
             tasks += [start, reader]

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
+import re
 import tempfile
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import OverlayFactory
@@ -264,3 +267,27 @@ def test_the_embedding_api_is_exported_lazily() -> None:
     assert {"awatch", "Batch"} <= set(watcher.__all__)
     with pytest.raises(AttributeError, match="no_such_name"):
         _ = watcher.no_such_name
+
+
+def guide_examples() -> list[str]:
+    """The fenced ``python`` blocks of docs/embedding.md."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "embedding.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```", guide, re.MULTILINE | re.DOTALL)
+
+
+async def test_the_guide_example_holds_the_list(ovl: Overlay) -> None:
+    """docs/embedding.md: the example, run as written against a real mount, holds the list
+    through the snapshot, changes from a shell and the stop."""
+    (code,) = guide_examples()
+    namespace: dict[str, Any] = {"__name__": "example"}
+    exec(compile(code, "embedding.md", "exec"), namespace)
+    stop = asyncio.Event()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        task = asyncio.create_task(namespace["follow"](ovl.merged, stop))
+        await until(lambda: "A /new.txt" in printed.getvalue())  # the snapshot is out
+        run_ops(ovl.merged, "echo v > var.txt && rm new.txt && rm etc/hosts")
+        stop.set()
+        entries = await task
+    assert entries == expected(ovl)
+    assert "- /new.txt" in printed.getvalue().splitlines()

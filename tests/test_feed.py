@@ -240,6 +240,25 @@ async def test_stop_event_yields_what_was_made_before_it(ovl: Overlay) -> None:
     assert inotify_fds() == fds  # a loop that ends by itself has closed the generator
 
 
+async def test_stop_ends_the_loop_under_a_steady_flow(ovl: Overlay) -> None:
+    """A shell writing without pause: the loop still ends once stop_event is set."""
+    writer = await asyncio.create_subprocess_exec(
+        "/bin/sh", "-c", "while :; do echo x >> hot.txt; : > f$((i=i+1)); done", cwd=ovl.merged
+    )
+    stop = asyncio.Event()
+    changes = 0
+    try:
+        async with asyncio.timeout(10):
+            async for batch in awatch(ovl.merged, stop_event=stop, debounce=0, step=0):
+                changes += 0 if batch.snapshot else len(batch.changes)
+                if changes > 1000:
+                    stop.set()
+    finally:
+        writer.kill()
+        await writer.wait()
+    assert changes > 1000
+
+
 async def test_bad_arguments_raise_clear_errors(ovl: Overlay, tmp_path: Path) -> None:
     """Both forms, neither, a missing upper, an unmounted path, a bad step: clear errors,
     raised by the first step, with nothing left open."""

@@ -246,14 +246,14 @@ async def awatch(
             for task in tasks:
                 task.add_done_callback(lambda _: wake.set())
             while True:
+                if stop_event is not None and stop_event.is_set():
+                    break  # checked first: a steady flow of batches cannot postpone the stop
                 if assembler.ready:
                     yield assembler.pop()
                     continue
                 for task in (start, reader):
                     if task.done():
                         task.result()  # re-raise what broke the start or the reader
-                if stop_event is not None and stop_event.is_set():
-                    break
                 timeout = None
                 if assembler.changes:
                     due = min(assembler.last + step / 1000, assembler.first + debounce / 1000)
@@ -266,7 +266,12 @@ async def awatch(
                     async with asyncio.timeout(timeout):
                         await wake.wait()
             if start.done():  # stopped after the start: what was made before the stop comes out
+                for task in (start, reader):
+                    if task.done():
+                        task.result()
                 await _barrier(hub, assembler)
+            reader.cancel()  # nothing after the barrier: the batches left are the last ones
+            await asyncio.wait({reader})
             assembler.close()
             while assembler.ready:
                 yield assembler.pop()

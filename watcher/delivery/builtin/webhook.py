@@ -175,10 +175,6 @@ class _Request:
     body: bytes
 
 
-class _Gone(Exception):
-    """The endpoint answered 410 Gone."""
-
-
 class WebhookSink:
     """POSTs events to a URL as CloudEvents (batch, structured or binary), signed per
     Standard Webhooks.
@@ -230,11 +226,15 @@ class WebhookSink:
             self._logger.info("webhook_reenabled", url=self._shown)
             self._gone = ""
             self._error = ""
+        self._connect()
+
+    def _connect(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
                 headers={"User-Agent": "layerwatch"},
             )
+        return self._session
 
     async def send(self, batch: Sequence[Record]) -> None:
         """POST the batch (one request, or one per event); return once all were accepted.
@@ -284,9 +284,7 @@ class WebhookSink:
             SinkUnavailable: retryable failure, or 410 Gone (the sink is then disabled).
             SinkRejected: any other 4xx.
         """
-        if self._session is None or self._session.closed:
-            await self.open()
-        assert self._session is not None
+        session = self._connect()
         timestamp = int(time.time())
         headers = {
             **self.headers,
@@ -299,7 +297,7 @@ class WebhookSink:
                 sign(key, request.msg_id, timestamp, request.body) for key in self._keys
             )
         try:
-            async with self._session.post(
+            async with session.post(
                 self.url, data=request.body, headers=headers, allow_redirects=False
             ) as response:
                 status = response.status

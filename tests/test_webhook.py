@@ -411,7 +411,7 @@ async def test_per_event_rejection_dead_letters_only_that_event(
     assert (runner.delivered, runner.dead_lettered) == (3, 1)
 
 
-@pytest.mark.parametrize("form", ["list", "string"])
+@pytest.mark.parametrize("form", ["list", "string", "secret"])
 @pytest.mark.parametrize("mode", ["batch", "binary"])
 async def test_every_secret_signs_so_either_receiver_verifies(
     receiver: Receiver, form: str, mode: str
@@ -419,7 +419,8 @@ async def test_every_secret_signs_so_either_receiver_verifies(
     """With two secrets (rotation), each request carries two signatures: a receiver that knows
     only the old secret and one that knows only the new one both verify it."""
     secrets: object = [OTHER_SECRET, SECRET] if form == "list" else f"{OTHER_SECRET} {SECRET}"
-    sink = WebhookSink("hook", {"url": receiver.url, "mode": mode, "secrets": secrets})
+    key = "secret" if form == "secret" else "secrets"  # secret may hold several, too
+    sink = WebhookSink("hook", {"url": receiver.url, "mode": mode, key: secrets})
     await sink.open()
     try:
         await sink.send(make_records(1, 2))
@@ -494,6 +495,8 @@ async def test_reopen_cuts_a_long_backoff_short(receiver: Receiver) -> None:
         ({"secrets": []}, "sinks.h.secrets", "list of strings"),
         ({"secrets": "  "}, "sinks.h.secrets", "at least one"),
         ({"secrets": [SECRET, "whsec_bad!"]}, "sinks.h.secrets", "secret #2"),
+        ({"secret": f"{SECRET} whsec_bad!"}, "sinks.h.secret", "secret #2"),
+        ({"secret": "   "}, "sinks.h.secret", "at least one"),
         ({"headers": {"CE-Type": "x"}}, "sinks.h.headers", "CE-Type"),
     ],
 )

@@ -183,7 +183,8 @@ class WebhookSink:
         url (str, required): an ``http`` or ``https`` URL.
         mode (str, default ``batch``): ``batch`` (one request per batch),
             ``structured`` or ``binary`` (one request per event).
-        secret (str, optional): ``whsec_`` + base64 key; without a secret no signature is sent.
+        secret (str, optional): ``whsec_`` + base64 key, or several separated by spaces;
+            without a secret no signature is sent.
         secrets (list of str, or one str of space-separated secrets, optional): several keys
             (rotation): every request carries one signature per key, in this order. Not with
             ``secret``.
@@ -350,27 +351,31 @@ class WebhookSink:
 
 
 def _secret_keys(opts: Options, *, has_secrets: bool) -> tuple[bytes, ...]:
-    """The HMAC keys of ``secret`` or ``secrets`` (a list, or one space-separated string).
+    """The HMAC keys of ``secret`` (one string) or ``secrets`` (a list, or one string); in
+    both, a string may hold several secrets separated by spaces (rotation, and a secret read
+    from a file or the environment that holds the new and the old one).
 
     Raises:
-        ConfigError: both options given, an empty ``secrets``, or a secret that is not
+        ConfigError: both options given, no secret in them, or a secret that is not
             ``whsec_`` + base64 (the message never echoes the secret).
     """
     one = opts.optional_string("secret")
-    if not has_secrets:
-        option, texts = "secret", [] if one is None else [one]
-    elif one is not None:
+    if has_secrets and one is not None:
         raise ConfigError(opts.key("secrets"), "give secret or secrets, not both")
+    if has_secrets:
+        option, given = "secrets", opts.strings("secrets")
+    elif one is not None:
+        option, given = "secret", (one,)
     else:
-        option = "secrets"
-        texts = [part for item in opts.strings("secrets") for part in item.split()]
-        if not texts:
-            raise ConfigError(opts.key("secrets"), "expected at least one secret")
+        return ()
+    texts = [part for item in given for part in item.split()]
+    if not texts:
+        raise ConfigError(opts.key(option), "expected at least one secret")
     keys: list[bytes] = []
     for n, text in enumerate(texts, 1):
         try:
             keys.append(parse_secret(text))
         except ValueError as exc:  # never echo the secret
-            where = "" if option == "secret" else f"secret #{n}: "
+            where = f"secret #{n}: " if len(texts) > 1 else ""
             raise ConfigError(opts.key(option), f"{where}expected whsec_ + base64: {exc}") from None
     return tuple(keys)

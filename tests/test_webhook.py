@@ -438,10 +438,10 @@ async def test_every_secret_signs_so_either_receiver_verifies(
 async def test_gone_disables_the_endpoint_until_reopened(
     receiver: Receiver, tmp_path: Path
 ) -> None:
-    """410 Gone: one request, then nothing is posted however fast the runner retries; health
-    says why, an error is logged, nothing is dead-lettered or acknowledged; reopen (SIGHUP)
-    tries again and delivers."""
-    receiver.script = [("answer", 410, {})]
+    """410 Gone (on the second event of a batch): nothing more is posted however fast the
+    runner retries; health says why, an error is logged, nothing is dead-lettered or
+    acknowledged; reopen (SIGHUP) tries again and delivers from the event that met the 410."""
+    receiver.script = [("answer", 200, {}), ("answer", 410, {})]
     sink = WebhookSink("hook", {"url": receiver.url, "mode": "structured"})
     dead = tmp_path / "dead.jsonl"
     log = MemoryLog(make_records(1, 3))
@@ -453,7 +453,7 @@ async def test_gone_disables_the_endpoint_until_reopened(
     with capture_logs() as logs:
         task = asyncio.create_task(runner.run(stop))
         await until(lambda: runner.retries >= 50)
-    assert len(receiver.seen) == 1
+    assert len(receiver.seen) == 2
     assert log.cursor("hook") == 0
     assert not dead.exists()
     health = runner.health()
@@ -468,6 +468,7 @@ async def test_gone_disables_the_endpoint_until_reopened(
     stop.set()
     await task
     assert receiver.accepted_ids() == ["test:1:1", "test:1:2", "test:1:3"]
+    assert [seen_ids(s)[0] for s in receiver.seen] == [f"test:1:{n}" for n in (1, 2, 2, 3)]
     assert runner.dead_lettered == 0
 
 

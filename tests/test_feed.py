@@ -240,6 +240,17 @@ async def test_stop_event_yields_what_was_made_before_it(ovl: Overlay) -> None:
     assert inotify_fds() == fds  # a loop that ends by itself has closed the generator
 
 
+async def test_a_stop_before_the_snapshot_abandons_the_start(ovl: Overlay) -> None:
+    """stop_event already set: the first scan is abandoned, nothing is yielded, nothing left
+    open."""
+    stop = asyncio.Event()
+    stop.set()
+    fds, dirs = inotify_fds(), sync_dirs()
+    assert [batch async for batch in awatch(ovl.merged, stop_event=stop)] == []
+    assert inotify_fds() == fds
+    assert sync_dirs() == dirs
+
+
 async def test_stop_ends_the_loop_under_a_steady_flow(ovl: Overlay) -> None:
     """A shell writing without pause: the loop still ends once stop_event is set."""
     writer = await asyncio.create_subprocess_exec(

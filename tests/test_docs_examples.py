@@ -53,9 +53,10 @@ def run(code: str, namespace: dict[str, Any] | None = None) -> tuple[dict[str, A
 
 def test_every_doc_with_python_has_a_test_here() -> None:
     """No docs/ page has a Python example that no test runs (operations.md's consumer that
-    puts each node's events back in order is run by ``tests/test_deploy_nats.py``)."""
+    puts each node's events back in order is run by ``tests/test_deploy_nats.py``, and
+    embedding.md's by ``tests/test_feed.py``, on a real overlay)."""
     with_python = {p.name for p in DOCS.glob("*.md") if python_blocks(p)}
-    assert with_python == {"events.md", "inotify.md", "sinks.md", "operations.md"}
+    assert with_python == {"events.md", "inotify.md", "sinks.md", "operations.md", "embedding.md"}
 
 
 def test_events_consumer_rebuilds_the_change_lists() -> None:

@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "http": {"core", "live", "delivery", "http"},
     "cli": {"core", "live", "delivery", "service", "http", "cli"},
     "testing": {"core", "delivery", "testing"},
-    "": {"core"},  # watcher/__init__.py: the public front door
+    "": {"core", "live"},  # watcher/__init__.py: the public front door (awatch: live)
 }
 ALSO: dict[str, set[str]] = {
     # The parsed configuration is data every edge reads (the API its [api] table); the HTTP

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import socket
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -16,9 +17,16 @@ from pathlib import Path
 import orjson
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from watcher.core.errors import ConfigError, SinkRejected, SinkUnavailable
-from watcher.delivery.builtin.webhook import CONTENT_TYPE, WebhookSink, parse_retry_after, sign
+from watcher.delivery.builtin.webhook import (
+    CONTENT_TYPE,
+    WebhookSink,
+    header_value,
+    parse_retry_after,
+    sign,
+)
 from watcher.delivery.runner import RunnerConfig, SinkRunner
 from watcher.testing import MemoryLog, check_sink_contract, free_port, make_records
 
@@ -74,9 +82,17 @@ class Receiver:
         ids: dict[str, None] = {}
         for seen in self.seen:
             if 200 <= seen.status < 300:
-                for event in orjson.loads(seen.body):
-                    ids.setdefault(event["id"], None)
+                for event_id in seen_ids(seen):
+                    ids.setdefault(event_id, None)
         return list(ids)
+
+
+def seen_ids(seen: Seen) -> list[str]:
+    """The event ids one request carried, whatever its mode."""
+    if "ce-id" in seen.headers:
+        return [seen.headers["ce-id"]]
+    parsed = orjson.loads(seen.body)
+    return [event["id"] for event in (parsed if isinstance(parsed, list) else [parsed])]
 
 
 @pytest.fixture
@@ -286,3 +302,211 @@ async def test_failures_never_show_the_url_credentials_or_query() -> None:
         assert "hunter2" not in text
         assert "SECRET" not in text
         assert "127.0.0.1" in text
+
+
+OTHER_SECRET = "whsec_" + base64.b64encode(b"the next key, after rotation").decode()
+
+
+def decode_binary(headers: Mapping[str, str], body: bytes) -> dict[str, object]:
+    """A CloudEvent from a binary-mode request, decoded per the HTTP binding (3.1), strictly.
+
+    Raises AssertionError for anything the binding forbids: a raw value with a character that
+    must be percent-encoded, a ``ce-datacontenttype`` header, bad UTF-8 after decoding, a
+    missing required attribute.
+    """
+    event: dict[str, object] = {}
+    for name, raw in headers.items():
+        if not name.lower().startswith("ce-"):
+            continue
+        assert all(0x21 <= ord(ch) <= 0x7E and ch != '"' for ch in raw), (name, raw)
+        attribute = name.lower()[3:]
+        assert attribute != "datacontenttype", "ce-datacontenttype must not be sent"
+        event[attribute] = urllib.parse.unquote_to_bytes(raw).decode("utf-8", "strict")
+    assert event.get("specversion") == "1.0"
+    for required in ("id", "source", "type"):
+        assert event.get(required), required
+    event["datacontenttype"] = headers["Content-Type"]
+    assert headers["Content-Type"] == "application/json"
+    event["data"] = orjson.loads(body)
+    return event
+
+
+async def run_until_acknowledged(
+    sink: WebhookSink, log: MemoryLog, config: RunnerConfig, upto: int
+) -> SinkRunner:
+    """Run a runner over ``log`` until the sink's cursor reaches ``upto``; stop it."""
+    stop = asyncio.Event()
+    runner = SinkRunner(sink, log, config)
+    task = asyncio.create_task(runner.run(stop))
+    await until(lambda: log.cursor("hook") == upto)
+    stop.set()
+    await task
+    return runner
+
+
+async def test_structured_mode_posts_each_event_once_and_retries_only_the_rest(
+    receiver: Receiver,
+) -> None:
+    """Structured mode: one signed application/cloudevents+json POST per event, in order; a
+    failure in the middle of a batch re-posts only the events not yet accepted."""
+    receiver.script = [("answer", 200, {}), ("answer", 200, {}), ("answer", 503, {})]
+    sink = WebhookSink("hook", {"url": receiver.url, "mode": "structured", "secret": SECRET})
+    records = make_records(1, 5)
+    config = RunnerConfig(batch_size=5, backoff_base=0.01, backoff_cap=0.05)
+    await run_until_acknowledged(sink, MemoryLog(records), config, 5)
+    posted = [seen_ids(s)[0] for s in receiver.seen]
+    ids = [f"test:1:{n}" for n in range(1, 6)]
+    # events 1 and 2 were accepted before the 503 on event 3: the retry starts at event 3
+    assert posted == [*ids[:3], *ids[2:]]
+    assert receiver.accepted_ids() == ids
+    for seen, record in zip(receiver.seen[3:], records[2:], strict=True):
+        assert seen.headers["Content-Type"] == "application/cloudevents+json"
+        assert seen.body == record.body
+        assert seen.headers["webhook-id"] == record.id
+        assert verify(SECRET, seen.headers, seen.body)
+
+
+async def test_binary_mode_satisfies_a_strict_binding_receiver(receiver: Receiver) -> None:
+    """Binary mode: a receiver decoding ce- headers per the HTTP binding gets back exactly the
+    events, paths with spaces, percent signs, non-ASCII and non-UTF-8 bytes included."""
+    paths = [b"/plain", b'/a b%20c"q', "/é/€ 😀".encode(), b"/\xff\xfe"]
+    records = make_records(1, 4, paths=paths)
+    sink = WebhookSink("hook", {"url": receiver.url, "mode": "binary", "secret": SECRET})
+    await sink.open()
+    try:
+        await sink.send(records)
+    finally:
+        await sink.close()
+    assert len(receiver.seen) == 4
+    for seen, record in zip(receiver.seen, records, strict=True):
+        assert decode_binary(seen.headers, seen.body) == orjson.loads(record.body)
+        assert seen.headers["webhook-id"] == record.id
+        assert verify(SECRET, seen.headers, seen.body)  # signed over the body sent: the data
+
+
+def test_header_value_follows_the_binding_example() -> None:
+    """The HTTP binding's own example, and the characters it says must be encoded."""
+    assert header_value("Euro \u20ac \U0001f600") == "Euro%20%E2%82%AC%20%F0%9F%98%80"
+    assert header_value('a"b%c') == "a%22b%25c"
+    assert header_value("tab\there") == "tab%09here"
+    assert header_value(True) == "true"
+    assert header_value(7) == "7"
+
+
+async def test_per_event_rejection_dead_letters_only_that_event(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """In a per-event mode a 422 for one event dead-letters that event alone; the others of
+    its batch are delivered and counted as delivered."""
+    receiver.script = [("answer", 200, {}), ("answer", 422, {})]
+    sink = WebhookSink("hook", {"url": receiver.url, "mode": "binary"})
+    dead = tmp_path / "dead.jsonl"
+    config = RunnerConfig(batch_size=4, dead_letter=dead)
+    runner = await run_until_acknowledged(sink, MemoryLog(make_records(1, 4)), config, 4)
+    lines = [orjson.loads(line) for line in dead.read_bytes().splitlines()]
+    assert [line["event"]["id"] for line in lines] == ["test:1:2"]
+    assert "422" in lines[0]["reason"]
+    assert receiver.accepted_ids() == ["test:1:1", "test:1:3", "test:1:4"]
+    assert len(receiver.seen) == 4
+    assert (runner.delivered, runner.dead_lettered) == (3, 1)
+
+
+@pytest.mark.parametrize("form", ["list", "string", "secret"])
+@pytest.mark.parametrize("mode", ["batch", "binary"])
+async def test_every_secret_signs_so_either_receiver_verifies(
+    receiver: Receiver, form: str, mode: str
+) -> None:
+    """With two secrets (rotation), each request carries two signatures: a receiver that knows
+    only the old secret and one that knows only the new one both verify it."""
+    secrets: object = [OTHER_SECRET, SECRET] if form == "list" else f"{OTHER_SECRET} {SECRET}"
+    key = "secret" if form == "secret" else "secrets"  # secret may hold several, too
+    sink = WebhookSink("hook", {"url": receiver.url, "mode": mode, key: secrets})
+    await sink.open()
+    try:
+        await sink.send(make_records(1, 2))
+    finally:
+        await sink.close()
+    assert receiver.seen
+    stranger = "whsec_" + base64.b64encode(b"a key nobody signs with").decode()
+    for seen in receiver.seen:
+        assert len(seen.headers["webhook-signature"].split(" ")) == 2
+        assert verify(SECRET, seen.headers, seen.body)
+        assert verify(OTHER_SECRET, seen.headers, seen.body)
+        assert not verify(stranger, seen.headers, seen.body)
+
+
+async def test_gone_disables_the_endpoint_until_reopened(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """410 Gone (on the second event of a batch): nothing more is posted however fast the
+    runner retries; health says why, an error is logged, nothing is dead-lettered or
+    acknowledged; reopen (SIGHUP) tries again and delivers from the event that met the 410."""
+    receiver.script = [("answer", 200, {}), ("answer", 410, {})]
+    sink = WebhookSink("hook", {"url": receiver.url, "mode": "structured"})
+    dead = tmp_path / "dead.jsonl"
+    log = MemoryLog(make_records(1, 3))
+    config = RunnerConfig(
+        batch_size=3, backoff_base=0.001, backoff_cap=0.001, retry_after_max=0.001, dead_letter=dead
+    )
+    runner = SinkRunner(sink, log, config)
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(runner.run(stop))
+        await until(lambda: runner.retries >= 50)
+    assert len(receiver.seen) == 2
+    assert log.cursor("hook") == 0
+    assert not dead.exists()
+    health = runner.health()
+    assert not health.ok
+    assert "410 Gone" in health.detail
+    assert "disabled" in health.detail
+    gone = [entry for entry in logs if entry["event"] == "webhook_endpoint_gone"]
+    assert len(gone) == 1
+    assert gone[0]["log_level"] == "error"
+    runner.reopen()
+    await until(lambda: log.cursor("hook") == 3)
+    stop.set()
+    await task
+    assert receiver.accepted_ids() == ["test:1:1", "test:1:2", "test:1:3"]
+    assert [seen_ids(s)[0] for s in receiver.seen] == [f"test:1:{n}" for n in (1, 2, 2, 3)]
+    assert runner.dead_lettered == 0
+
+
+async def test_reopen_cuts_a_long_backoff_short(receiver: Receiver) -> None:
+    """A retry waiting out a long Retry-After goes at once when reopen() is asked for."""
+    receiver.script = [("answer", 503, {"Retry-After": "3600"})]
+    sink = WebhookSink("hook", {"url": receiver.url})
+    log = MemoryLog(make_records(1, 1))
+    runner = SinkRunner(sink, log, RunnerConfig(retry_after_max=3600))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    await until(lambda: runner.retries == 1)
+    runner.reopen()
+    await until(lambda: log.cursor("hook") == 1)
+    stop.set()
+    await task
+    assert [s.status for s in receiver.seen] == [503, 200]
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "problem"),
+    [
+        ({"mode": "knative"}, "sinks.h.mode", "batch, structured, binary"),
+        ({"secret": SECRET, "secrets": [SECRET]}, "sinks.h.secrets", "not both"),
+        ({"secrets": []}, "sinks.h.secrets", "list of strings"),
+        ({"secrets": "  "}, "sinks.h.secrets", "at least one"),
+        ({"secrets": [SECRET, "whsec_bad!"]}, "sinks.h.secrets", "secret #2"),
+        ({"secret": f"{SECRET} whsec_bad!"}, "sinks.h.secret", "secret #2"),
+        ({"secret": "   "}, "sinks.h.secret", "at least one"),
+        ({"headers": {"CE-Type": "x"}}, "sinks.h.headers", "CE-Type"),
+    ],
+)
+def test_bad_mode_and_secrets_name_the_key(
+    options: Mapping[str, object], key: str, problem: str
+) -> None:
+    """A bad mode, secret list or ce- header raises ConfigError naming the key and problem."""
+    with pytest.raises(ConfigError) as info:
+        WebhookSink("h", {"url": "http://x", **options})
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert "whsec_bad" not in str(info.value)

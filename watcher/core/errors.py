@@ -74,7 +74,16 @@ class SinkUnavailable(SinkError):
 
 
 class SinkRejected(SinkError):
-    """The destination refused the batch for good; the runner dead-letters it."""
+    """The destination refused the batch for good; the runner dead-letters it.
+
+    ``seqs``: when the sink delivered part of the batch and the destination refused the rest
+    (one request per event), the sequence numbers of the refused records; only those are
+    dead-lettered. None: the whole batch was refused.
+    """
+
+    def __init__(self, message: str, *, seqs: frozenset[int] | None = None) -> None:
+        super().__init__(message)
+        self.seqs = seqs
 
 
 class SpoolError(LayerwatchError):

@@ -8,9 +8,9 @@ log, so a slow, failing or hanging sink never stalls another sink or the produce
 Guarantees (at-least-once):
 
 - A batch is acknowledged after ``send`` returned, after it was dead-lettered on
-  ``SinkRejected``, or when the filter dropped every record in it. Nothing else moves the
-  cursor, so a crash at any point re-sends from the last acknowledged record, with the same
-  event ids.
+  ``SinkRejected`` (only the records it names in ``seqs``, when it names some), or when the
+  filter dropped every record in it. Nothing else moves the cursor, so a crash at any point
+  re-sends from the last acknowledged record, with the same event ids.
 - ``SinkUnavailable`` and any unexpected exception retry the same batch after a jittered
   exponential backoff; ``retry_after`` from the sink is honoured (capped by
   ``retry_after_max``).
@@ -211,6 +211,7 @@ class SinkRunner:
         self._error = ""
         self._drain_target: int | None = None
         self._reopen = False
+        self._wake = asyncio.Event()  # set by reopen(): cuts a retry's backoff short
         self._logger = logger.bind(sink=sink.name)
         linger = self.config.linger
         if linger is None:
@@ -239,8 +240,10 @@ class SinkRunner:
             return Health(ok=False, detail=f"health() raised {exc!r}")
 
     def reopen(self) -> None:
-        """Close and open the sink again before its next batch (SIGHUP: rotated files)."""
+        """Close and open the sink again before its next batch or retry (SIGHUP: rotated
+        files, a webhook endpoint re-enabled); a retry waiting out its backoff goes at once."""
         self._reopen = True
+        self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set, drain under the deadline, then close the sink.
@@ -280,11 +283,7 @@ class SinkRunner:
                     return
             elif not await self._wait_for_records(stop):
                 continue  # stop was set: the loop re-checks as a drain
-            if self._reopen:
-                self._reopen = False
-                await self._close()
-                await self._open()
-                self._logger.info("sink_reopened")
+            await self._reopen_if_asked()
             records = await asyncio.to_thread(
                 self._events.read, self._cursor, self.config.batch_size
             )
@@ -316,6 +315,14 @@ class SinkRunner:
                     break
         return True
 
+    async def _reopen_if_asked(self) -> None:
+        if self._reopen:
+            self._reopen = False
+            self._wake.clear()
+            await self._close()
+            await self._open()
+            self._logger.info("sink_reopened")
+
     async def _open(self) -> None:
         attempt = 0
         while True:
@@ -342,11 +349,14 @@ class SinkRunner:
         self.filtered += len(records) - len(batch)
         attempt = 0
         while batch:
+            if attempt:  # a SIGHUP while a batch is retried applies before the next attempt
+                await self._reopen_if_asked()
             try:
                 await self.sink.send(batch)
             except SinkRejected as exc:
+                refused = [r for r in batch if exc.seqs is None or r.seq in exc.seqs] or batch
                 try:
-                    await self._dead_letter(batch, exc)
+                    await self._dead_letter(refused, exc)
                 except OSError as dl_exc:
                     self._error = f"dead-letter write failed: {dl_exc}"
                     self._logger.error("sink_dead_letter_failed", error=repr(dl_exc))
@@ -356,6 +366,7 @@ class SinkRunner:
                     attempt += 1
                     await asyncio.sleep(delay)
                     continue
+                self.delivered += len(batch) - len(refused)
                 break
             except Exception as exc:
                 delay = self._retry_delay(attempt, exc)
@@ -370,7 +381,7 @@ class SinkRunner:
                     details["exc_info"] = exc  # unexpected: keep the traceback
                 self._logger.warning("sink_send_failed", **details)
                 attempt += 1
-                await asyncio.sleep(delay)
+                await self._backoff(delay)
                 continue
             self.delivered += len(batch)
             self._error = ""
@@ -378,6 +389,14 @@ class SinkRunner:
                 self._logger.info("sink_recovered", attempts=attempt + 1, first_seq=batch[0].seq)
             break
         await self._acknowledge(last)
+
+    async def _backoff(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or until ``reopen()`` is asked for."""
+        try:
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
 
     def _retry_delay(self, attempt: int, exc: Exception) -> float:
         self.retries += 1

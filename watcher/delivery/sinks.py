@@ -64,7 +64,8 @@ class Sink(Protocol):
 
         Raise ``SinkUnavailable`` for a failure worth retrying (the same batch, with the same
         event ids, is sent again), ``SinkRejected`` when the destination refused it for good
-        (the runner dead-letters the batch and moves on). A sink may receive a batch it has
+        (the runner dead-letters the batch, or only the records named in its ``seqs``, and
+        moves on). A sink may receive a batch it has
         already delivered (at-least-once); event ids let the destination or consumer dedupe.
         """
 

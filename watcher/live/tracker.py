@@ -22,7 +22,7 @@ from typing import Final, Protocol
 
 import structlog
 
-from watcher.core.errors import LayerwatchError, WatchError, WatchLimitError
+from watcher.core.errors import LayerwatchError, MountError, WatchError, WatchLimitError
 from watcher.core.layers import LowerStack, child_path
 from watcher.core.model import (
     RESYNC,
@@ -39,7 +39,7 @@ from watcher.core.model import (
 from watcher.core.mounts import Filesystem
 from watcher.core.rules import DirState, Rules
 
-__all__ = ["Branch", "Degraded", "Resolver", "Tracker", "WatchOps"]
+__all__ = ["Branch", "Degraded", "MountpointBranch", "Resolver", "Tracker", "WatchOps"]
 
 logger = structlog.get_logger("layerwatch.tracker")
 
@@ -70,6 +70,60 @@ Resolver = Callable[[], Branch]
 """Where a mount's branch is now. Raises ``LayerwatchError`` or ``OSError``, saying why, when
 there is none (nothing mounted at an attached mountpoint, say). The default resolver answers
 the tracker's own upper path and lower stack: a detached branch stays where it was."""
+
+
+class MountpointBranch:
+    """Where an attached mount's branch is now: the upper of the overlay mounted at its
+    mountpoint (a ``Resolver``): the service's attached mounts and ``awatch(mountpoint)``
+    follow an overlay mounted again over a new upper this way.
+
+    Every mount has a device of its own, so mountinfo is read again only when the
+    mountpoint's device changes: the tracker's periodic check costs one ``stat``.
+
+    Args:
+        fs: the mount as it was attached.
+        lower: the lower stack made for it (kept while the layers stay the same).
+        moved: told of each new overlay at the mountpoint (None: nobody).
+    """
+
+    def __init__(
+        self,
+        fs: Filesystem,
+        lower: LowerStack,
+        moved: Callable[[Filesystem], None] | None = None,
+    ) -> None:
+        self.fs, self._lower, self._moved = fs, lower, moved
+        self._dev: int | None = None  # not looked yet: the first call reads mountinfo
+        self._missing: str | None = None
+
+    def __call__(self) -> Branch:
+        try:
+            dev = os.stat(self.fs.mountpoint).st_dev
+        except OSError as exc:
+            where = os.fsdecode(self.fs.mountpoint)
+            raise MountError(f"mountpoint {where}: {exc.strerror}") from exc
+        if dev != self._dev:
+            self._dev, self._missing = dev, None
+            try:
+                self._attach()
+            except LayerwatchError as exc:
+                self._missing = str(exc)
+            except OSError:
+                self._dev = None  # mountinfo not read: read it at the next call
+                raise
+        if self._missing is not None:
+            raise MountError(self._missing)
+        return Branch(self.fs.rw, self._lower, self.fs.xattr_prefix)
+
+    def _attach(self) -> None:
+        fs, old = Filesystem.attach(self.fs.mountpoint), self.fs
+        if (fs.rw, fs.layers, fs.xattr_prefix) == (old.rw, old.layers, old.xattr_prefix):
+            return
+        if (fs.layers, fs.xattr_prefix) != (old.layers, old.xattr_prefix):
+            self._lower = Branch.of(fs).lower
+        self.fs = fs
+        if self._moved is not None:
+            self._moved(fs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,6 @@ import structlog
 
 from watcher.core.digest import Digester
 from watcher.core.errors import ConfigError, LayerwatchError, MountError, SpoolError
-from watcher.core.layers import LowerStack
 from watcher.core.model import Change, Control, Item, Kind, Transition, expand
 from watcher.core.mounts import Driver, Filesystem, find_mount
 from watcher.delivery.events import GAP, Record
@@ -37,7 +36,7 @@ from watcher.live import heap
 from watcher.live.discovery import Discovered, MountEvent, MountSource
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
-from watcher.live.tracker import Branch, Tracker
+from watcher.live.tracker import Branch, MountpointBranch, Tracker
 from watcher.service.config import Config, DiscoveryConfig, MountConfig, SinkConfig
 from watcher.service.signals import install_stop_signals
 
@@ -554,7 +553,7 @@ class Service:
         resolve = None
         if labels is None and not mount.managed and mount.upper is None:  # not discovered
             moved = functools.partial(self._moved, mount.name)
-            resolve = _MountpointBranch(fs, branch.lower, moved)
+            resolve = MountpointBranch(fs, branch.lower, moved)
         tracker = Tracker.of(mount.name, branch, hub, resolve=resolve)
         persisted = spool.load_list(mount.name) if mount.name in spool.mounts() else None
         await hub.follow(tracker, persisted)
@@ -658,55 +657,6 @@ class Service:
 def _branch_key(upper: bytes) -> bytes:
     """An upper dir as its trackers name it (resolved, no trailing slash)."""
     return os.path.realpath(upper).rstrip(b"/")
-
-
-class _MountpointBranch:
-    """Where an attached mount's branch is now: the upper of the overlay mounted at its
-    mountpoint (a ``watcher.live.tracker.Resolver``).
-
-    Every mount has a device of its own, so mountinfo is read again only when the
-    mountpoint's device changes: the tracker's periodic check costs one ``stat``.
-
-    Args:
-        fs: the mount as it was attached.
-        lower: the lower stack made for it (kept while the layers stay the same).
-        moved: told of each new overlay at the mountpoint.
-    """
-
-    def __init__(
-        self, fs: Filesystem, lower: LowerStack, moved: Callable[[Filesystem], None]
-    ) -> None:
-        self.fs, self._lower, self._moved = fs, lower, moved
-        self._dev: int | None = None  # not looked yet: the first call reads mountinfo
-        self._missing: str | None = None
-
-    def __call__(self) -> Branch:
-        try:
-            dev = os.stat(self.fs.mountpoint).st_dev
-        except OSError as exc:
-            where = os.fsdecode(self.fs.mountpoint)
-            raise MountError(f"mountpoint {where}: {exc.strerror}") from exc
-        if dev != self._dev:
-            self._dev, self._missing = dev, None
-            try:
-                self._attach()
-            except LayerwatchError as exc:
-                self._missing = str(exc)
-            except OSError:
-                self._dev = None  # mountinfo not read: read it at the next call
-                raise
-        if self._missing is not None:
-            raise MountError(self._missing)
-        return Branch(self.fs.rw, self._lower, self.fs.xattr_prefix)
-
-    def _attach(self) -> None:
-        fs, old = Filesystem.attach(self.fs.mountpoint), self.fs
-        if (fs.rw, fs.layers, fs.xattr_prefix) == (old.rw, old.layers, old.xattr_prefix):
-            return
-        if (fs.layers, fs.xattr_prefix) != (old.layers, old.xattr_prefix):
-            self._lower = Branch.of(fs).lower
-        self.fs = fs
-        self._moved(fs)
 
 
 def _runner_config(sink: SinkConfig) -> RunnerConfig:

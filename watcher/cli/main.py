@@ -93,8 +93,11 @@ def service_for(cfg: config.Config) -> Service:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
-    log.configure(level=cfg.log_level)
-    asyncio.run(service_for(cfg).run())
+    log.configure(level=cfg.log_level, redact=cfg.secrets.redact)
+    try:
+        asyncio.run(service_for(cfg).run())
+    except LayerwatchError as exc:  # printed by main(): without the config's secrets
+        raise LayerwatchError(cfg.secrets.redact(str(exc))) from None
     return 0
 
 

@@ -31,15 +31,17 @@ from watcher.delivery.intake import Intake
 from watcher.delivery.plugins import load_sink
 from watcher.delivery.publisher import Publisher
 from watcher.delivery.runner import Filter, RunnerConfig, SinkRunner, backoff_delay
+from watcher.delivery.sinks import Sink
 from watcher.delivery.spool import Spool
 from watcher.live.discovery import Discovered, MountEvent, MountSource
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
 from watcher.live.tracker import Branch, Tracker
 from watcher.service.config import Config, DiscoveryConfig, MountConfig, SinkConfig
+from watcher.service.secrets import Secrets
 from watcher.service.signals import install_stop_signals
 
-__all__ = ["MountState", "Service", "discovered_name", "filesystem_for"]
+__all__ = ["MountState", "Service", "build_sink", "discovered_name", "filesystem_for"]
 
 logger = structlog.get_logger("layerwatch.service")
 
@@ -328,7 +330,7 @@ class Service:
             for component, failure in self.failures.items()
             if now - failure.at < _FAILURE_SHOWN
         ]
-        return reasons
+        return [self.config.secrets.redact(reason) for reason in reasons]
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -366,7 +368,7 @@ class Service:
             prepared = [(mount, *self._prepare_mount(mount, stack)) for mount in self.config.mounts]
             for sink in self.config.sinks:
                 self.runners[sink.name] = SinkRunner(
-                    load_sink(sink.name, sink.type, sink.options), spool, _runner_config(sink)
+                    build_sink(sink, self.config.secrets), spool, _runner_config(sink)
                 )
             sink_stop = asyncio.Event()
             async with asyncio.TaskGroup() as group:
@@ -687,6 +689,19 @@ class _MountpointBranch:
             self._lower = Branch.of(fs).lower
         self.fs = fs
         self._moved(fs)
+
+
+def build_sink(sink: SinkConfig, secrets: Secrets) -> Sink:
+    """The sink ``sink`` configures, not yet opened.
+
+    Raises:
+        ConfigError: the sink's type or an option is bad; the message has every value of
+            ``secrets`` blanked out (a sink may quote the option it refuses).
+    """
+    try:
+        return load_sink(sink.name, sink.type, sink.options)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, secrets.redact(exc.problem)) from None
 
 
 def _runner_config(sink: SinkConfig) -> RunnerConfig:

@@ -134,12 +134,15 @@ def test_redaction_blanks_every_secret_longest_first() -> None:
 # -- the keys that accept them ----------------------------------------------------------------
 
 
-def test_stream_from_the_environment_is_not_a_secret() -> None:
-    """service.stream takes ${NODE_NAME}; the stream id is shown everywhere, so not redacted."""
-    doc = base() | {"service": {"stream": "${NODE_NAME}"}}
+def test_stream_and_host_from_the_environment_are_not_secrets() -> None:
+    """service.stream and service.host take ${NODE_NAME}; they are in every event, so they
+    are not redacted; without them both are the host name."""
+    doc = base() | {"service": {"stream": "${NODE_NAME}", "host": "${NODE_NAME:-x}.k8s"}}
     cfg = config.parse(doc, {"NODE_NAME": "worker-3"})
-    assert cfg.stream == "worker-3"
+    assert (cfg.stream, cfg.host) == ("worker-3", "worker-3.k8s")
     assert not cfg.secrets
+    plain = config.parse(base())
+    assert plain.stream == plain.host == socket.gethostname()
 
 
 def test_stream_without_its_variable_names_key_and_variable() -> None:

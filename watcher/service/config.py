@@ -134,6 +134,7 @@ class Config:
     api: ApiConfig | None = None
     discovery: DiscoveryConfig | None = None
     stream: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=socket.gethostname)
     log_level: str = "info"
     shutdown_timeout: float = 10.0
     rescan_interval: float = 2.0
@@ -379,13 +380,14 @@ def _sink(name: str, raw: object, outside: _Outside) -> SinkConfig:
     )
 
 
-def _stream(service: _Table, outside: _Outside) -> str:
-    stream = outside.string(service, "stream", secret=False)
-    if stream is None:
+def _identity(service: _Table, outside: _Outside, name: str, what: str) -> str:
+    """``service.stream`` or ``service.host``: the host name unless given."""
+    value = outside.string(service, name, secret=False)
+    if value is None:
         return socket.gethostname()
-    if not stream:
-        raise ConfigError(service.key("stream"), "must not be empty (it starts every event id)")
-    return stream
+    if not value:
+        raise ConfigError(service.key(name), f"must not be empty ({what})")
+    return value
 
 
 def _discovery(top: _Table) -> DiscoveryConfig:
@@ -460,7 +462,8 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
         spool=spool,
         api=api,
         discovery=discovery,
-        stream=_stream(service, outside),
+        stream=_identity(service, outside, "stream", "it starts every event id"),
+        host=_identity(service, outside, "host", "it names the event's source"),
         log_level=service.get("log_level", str, "info"),
         shutdown_timeout=service.positive_duration("shutdown_timeout", 10.0),
         rescan_interval=service.positive_duration("rescan_interval", 2.0),

@@ -359,6 +359,7 @@ class Service:
                 intake.put,
                 first_seq=spool.last_seq + 1,
                 stream=self.config.stream,
+                host=self.config.host,
                 epoch=spool.epoch,
             )
             inotify = stack.enter_context(Inotify())

@@ -27,6 +27,7 @@ from watcher.core.layers import LowerStack
 from watcher.core.model import Change, Control, Item, Kind, Transition
 from watcher.core.mounts import Driver, Filesystem, find_mount
 from watcher.delivery.events import GAP, Record
+from watcher.delivery.histogram import Histogram
 from watcher.delivery.intake import Intake
 from watcher.delivery.plugins import load_sink
 from watcher.delivery.publisher import Publisher
@@ -249,9 +250,14 @@ class Service:
         return self.publisher.published
 
     @property
-    def resyncs(self) -> Mapping[str, int]:
-        """Resyncs published since the start, by reason."""
+    def resyncs(self) -> Mapping[tuple[str, str], int]:
+        """Resyncs published since the start, by mount and reason."""
         return self.publisher.resyncs
+
+    @property
+    def durable_seconds(self) -> Histogram:
+        """Per event: from published to committed in the spool."""
+        return self.runtime.intake.durable_seconds
 
     @property
     def watches(self) -> int:

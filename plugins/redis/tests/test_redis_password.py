@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from watcher.cli import logconfig
 from watcher.core.errors import SinkUnavailable
 from watcher.service import config
 from watcher.service.secrets import MASK
-from watcher.service.service import build_sink
+from watcher.service.service import Service, build_sink
 from watcher.testing import free_port, make_records, opened
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -85,3 +86,42 @@ async def test_a_wrong_password_is_refused_and_not_shown(
     await sink.close()
     assert wrong in str(info.value)  # the sink quotes its URL: this is why we redact
     assert wrong not in cfg.secrets.redact(str(info.value))
+
+
+async def test_health_reasons_hide_the_password(tmp_path: Path) -> None:
+    """A running service whose Redis (password from the environment) cannot be reached: the
+    health reason (what /healthz and `layerwatch status` show) names the sink's error with
+    the password blanked out."""
+    (tmp_path / "upper").mkdir()
+    (tmp_path / "lower").mkdir()
+    port = free_port()  # nothing listens there
+    cfg = config.parse(
+        {
+            "mounts": [
+                {"name": "m", "upper": str(tmp_path / "upper"), "lowers": [str(tmp_path / "lower")]}
+            ],
+            "spool": {"path": str(tmp_path / "spool.db")},
+            "sinks": {
+                "bus": {
+                    "type": "redis",
+                    "url": f"redis://:${{REDIS_PASSWORD}}@127.0.0.1:{port}/0",
+                    "timeout": 0.5,
+                }
+            },
+        },
+        {"REDIS_PASSWORD": PASSWORD},
+    )
+    service = Service(cfg)
+    task = asyncio.create_task(service.run(signals=False))
+    try:
+        async with asyncio.timeout(30):
+            await service.started.wait()
+            while not any("cannot reach" in r for r in service.degraded()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        (reason,) = [r for r in service.degraded() if r.startswith("sink bus:")]
+        assert f"redis://:{MASK}@127.0.0.1:{port}/0" in reason
+        assert PASSWORD not in reason
+        assert PASSWORD in service.runners["bus"].health().detail  # what was blanked out
+    finally:
+        service.stop.set()
+        await asyncio.wait_for(task, 30)

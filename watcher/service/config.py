@@ -5,10 +5,10 @@ Every unknown key and every bad value raises ``ConfigError`` naming the key
 own (``type``, ``filter``, ``batch_size``, ``linger``, ``dead_letter``, ...) are passed to the
 sink, which validates them itself.
 
-``service.stream``, ``api.token`` and every sink option accept ``${VAR}`` references and a
-``*_file`` form (``watcher.service.secrets``); they are resolved here, once, so a sink sees
-plain values. ``parse`` takes the environment as an argument; only ``load`` reads
-``os.environ``, and only for those references.
+``service.stream``, ``service.host``, ``api.token`` and every sink option accept ``${VAR}``
+references and a ``*_file`` form (``watcher.service.secrets``); they are resolved here, once,
+so a sink sees plain values. ``parse`` takes the environment as an argument; only ``load``
+reads ``os.environ``, and only for those references.
 """
 
 from __future__ import annotations

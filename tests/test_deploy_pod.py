@@ -368,7 +368,10 @@ def pod(images: deploykit.Images) -> Iterator[Pod]:
         running = Pod(daemon, node, spec, container, config_map, netns_pid)
         probe = container["startupProbe"]
         budget = min(probe["periodSeconds"] * probe["failureThreshold"], 60)
-        _until("the startup probe", lambda: running.probe("startupProbe") == 0, budget)
+        try:
+            _until("the startup probe", lambda: running.probe("startupProbe") == 0, budget)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the pod's log:\n{running.log()[-3000:]}") from None
         yield running
 
 

@@ -217,29 +217,28 @@ def test_daemonset_mounts_runtime_dirs_read_only_with_host_propagation() -> None
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert "layerwatch status" in " ".join(container[probe]["exec"]["command"]), probe
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace > _parse_config(_rendered_config_map()).shutdown_timeout
+    assert grace > _config_map_on("node-1.example").shutdown_timeout
 
 
-def _rendered_config_map(node: str = "node-1.example") -> str:
-    """The ConfigMap's config as the init container renders it on node ``node``."""
+def _config_map_on(node: str) -> Config:
+    """The ConfigMap's config, as the service in the pod on node ``node`` loads it: its
+    ${NODE_NAME} from the container's environment, which the Downward API sets."""
     manifests = _manifests()
-    (init,) = manifests["DaemonSet"]["spec"]["template"]["spec"]["initContainers"]
-    (env,) = init["env"]
+    spec = manifests["DaemonSet"]["spec"]["template"]["spec"]
+    assert "initContainers" not in spec  # the service reads the ConfigMap as is
+    (container,) = spec["containers"]
+    (env,) = container["env"]
     assert env == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
     text: str = manifests["ConfigMap"]["data"]["layerwatch.toml"]
     assert "${NODE_NAME}" in text
-    return text.replace("${NODE_NAME}", node)
-
-
-def _parse_config(text: str) -> Config:
-    return parse(tomllib.loads(text))
+    return parse(tomllib.loads(text), {"NODE_NAME": node})
 
 
 def test_daemonset_configmap_is_a_valid_config() -> None:
-    """The ConfigMap, rendered for a node, is a config that discovers the node's containers,
-    names its events after the node, and publishes to NATS unordered (one stream, many nodes)."""
-    config = _parse_config(_rendered_config_map("node-1.example"))
-    assert config.stream == "node-1.example"
+    """The ConfigMap, on a node, is a config that discovers the node's containers, names its
+    events after the node, and publishes to NATS unordered (one stream, many nodes)."""
+    config = _config_map_on("node-1.example")
+    assert config.stream == config.host == "node-1.example"
     assert config.spool.path == Path("/var/lib/layerwatch/spool.db")
     assert not config.mounts
     assert config.discovery is not None

@@ -4,9 +4,9 @@ What runs is the image built from ``deploy/Containerfile`` (``tests/deploykit.py
 pod spec translated to ``docker run``, field by field, from the YAML; a field the translation
 does not know fails the test, so the manifest cannot drift away from what is tested:
 
-- the init container renders the ConfigMap's ``layerwatch.toml`` (the very text of the YAML)
-  with ``NODE_NAME`` from the Downward API (``spec.nodeName``: the node's name here) into the
-  shared emptyDir; then the layerwatch container runs from it.
+- the ConfigMap's ``layerwatch.toml`` (the very text of the YAML) is the config file, as is;
+  the service resolves its ``${NODE_NAME}`` from the container's environment, which the
+  Downward API (``spec.nodeName``: the node's name here) sets.
 - each container gets its ``securityContext`` (``runAsUser``/``runAsGroup`` -> ``--user``,
   ``readOnlyRootFilesystem`` -> ``--read-only``, ``capabilities`` -> ``--cap-drop``/
   ``--cap-add``, ``allowPrivilegeEscalation: false`` -> ``no-new-privileges``), the pod's
@@ -86,7 +86,6 @@ POD_KEYS = {
     "terminationGracePeriodSeconds",
     "securityContext",
     "tolerations",
-    "initContainers",
     "containers",
     "volumes",
 }
@@ -187,7 +186,7 @@ def docker_run_args(
 
     Args:
         pod: the pod template's spec.
-        container: one of its containers or init containers.
+        container: one of its containers.
         sources: volume name -> the node path bound for it.
         network: the container whose network namespace the pod uses.
     """
@@ -331,12 +330,11 @@ def images() -> deploykit.Images:
 
 @pytest.fixture(scope="module")
 def pod(images: deploykit.Images) -> Iterator[Pod]:
-    """The node, its runtime, NATS, and the DaemonSet's pod started on it (init container
-    first); everything is removed at the end."""
+    """The node, its runtime, NATS, and the DaemonSet's pod started on it; everything is
+    removed at the end."""
     docs = manifests()
     config_map, daemonset = docs["ConfigMap"], docs["DaemonSet"]
     spec = daemonset["spec"]["template"]["spec"]
-    (init,) = spec["initContainers"]
     (container,) = spec["containers"]
     nats_host = urlsplit(tomllib.loads(config_map["data"]["layerwatch.toml"])["sinks"]["bus"]
                          ["servers"][0]).hostname  # fmt: skip
@@ -364,16 +362,16 @@ def pod(images: deploykit.Images) -> Iterator[Pod]:
         )  # fmt: skip
         _until("nats-server", lambda: _nats_answers(netns_pid))
         sources = prepare_volumes(node, spec, config_map)
-        init_args = docker_run_args(spec, init, sources, sandbox)
-        proc = daemon.call("run", "--rm", "--name", f"{POD_NAME}-init", *init_args)
-        assert proc.returncode == 0, f"init container: {proc.stderr.decode()}"
         main_args = docker_run_args(spec, container, sources, sandbox)
         grace = spec["terminationGracePeriodSeconds"]
         daemon.docker("run", "-d", "--name", POD_NAME, f"--stop-timeout={grace}", *main_args)
         running = Pod(daemon, node, spec, container, config_map, netns_pid)
         probe = container["startupProbe"]
         budget = min(probe["periodSeconds"] * probe["failureThreshold"], 60)
-        _until("the startup probe", lambda: running.probe("startupProbe") == 0, budget)
+        try:
+            _until("the startup probe", lambda: running.probe("startupProbe") == 0, budget)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the pod's log:\n{running.log()[-3000:]}") from None
         yield running
 
 
@@ -399,20 +397,22 @@ def test_image_answers_help_and_holds_only_what_it_needs(
     assert size < 160e6
 
 
-def test_init_container_renders_the_config_map_with_the_node_name(pod: Pod) -> None:
-    """The config the service runs is the ConfigMap's text with ${NODE_NAME} = spec.nodeName."""
-    template = pod.config_map["data"]["layerwatch.toml"]
-    assert "${NODE_NAME}" in template
-    rendered = pod.exec("cat", "/etc/layerwatch/layerwatch.toml").stdout.decode()
-    assert rendered == template.replace("${NODE_NAME}", NODE_NAME)
-    config = tomllib.loads(rendered)
-    assert config["service"]["stream"] == NODE_NAME
+def test_the_config_map_is_the_config_and_names_the_node(pod: Pod) -> None:
+    """The service runs the ConfigMap's text as is (no init container renders it); its
+    ${NODE_NAME} is the container's variable, set from spec.nodeName."""
+    assert "initContainers" not in pod.spec
+    text = pod.config_map["data"]["layerwatch.toml"]
+    assert pod.exec("cat", "/etc/layerwatch/layerwatch.toml").stdout.decode() == text
+    config = tomllib.loads(text)
+    assert config["service"]["stream"] == config["service"]["host"] == "${NODE_NAME}"
     assert "discovery" in config
     assert "mounts" not in config
+    env = pod.exec("/bin/sh", "-c", 'printf %s "$NODE_NAME"').stdout.decode()
+    assert env == NODE_NAME
 
 
 def test_check_passes_inside_the_pod(pod: Pod) -> None:
-    """`layerwatch check` on the rendered config, in the pod's own security context: no error."""
+    """`layerwatch check` on the config, in the pod's own security context: no error."""
     proc = pod.exec("layerwatch", "check", "/etc/layerwatch/layerwatch.toml", timeout=60)
     out = proc.stdout.decode()
     assert proc.returncode == 0, out + proc.stderr.decode()
@@ -466,7 +466,7 @@ def test_follows_new_containers_labels_them_and_releases_them(pod: Pod) -> None:
             assert mine
             for event in mine:
                 assert event["id"].startswith(f"{NODE_NAME}:")
-                assert event["source"] == f"/layerwatch/{POD_NAME}"  # the host name: the pod's
+                assert event["source"] == f"/layerwatch/{NODE_NAME}"  # not the pod's host name
                 labels = event["data"]["labels"]
                 assert labels["runtime"] == "docker"
                 assert labels["container_id"] == cid

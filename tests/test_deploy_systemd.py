@@ -38,6 +38,8 @@ from overlay import requires_overlay
 pytestmark = [requires_overlay, pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
 
 HOST = "lw-host"
+API_TOKEN = "credential-token-4f9c2e7a"
+CREDENTIAL = "/etc/layerwatch/credentials/api-token"
 # Capability numbers (linux/capability.h), to give the host every one this machine has.
 # fmt: off
 CAPS = (
@@ -131,6 +133,24 @@ def host() -> Iterator[Host]:
         daemon.docker("cp", str(deploy / "layerwatch.service"), f"{HOST}:/etc/systemd/system/")
         daemon.docker("cp", str(deploy / "layerwatch.toml"), f"{HOST}:/etc/layerwatch/")
         running.sh("mkdir -p /srv/demo && chmod 0600 /etc/layerwatch/layerwatch.toml")
+        # A host's systemd makes every mount shared at boot; in a container it leaves them
+        # private, and then the credentials it mounts for a unit (in a namespace of its own,
+        # propagated back) never reach the service. Shared, as on a host:
+        running.sh("mount --make-rshared /")
+        # The API on TCP with its token from a systemd credential: the example config's two
+        # commented lines enabled, the credential's file, and a drop-in that loads it.
+        running.sh(
+            "sed -i -e 's|^# listen = |listen = |' -e 's|^# token_file = |token_file = |' "
+            "/etc/layerwatch/layerwatch.toml && grep -q '^token_file = ' "
+            "/etc/layerwatch/layerwatch.toml"
+        )
+        running.sh(
+            f"install -d -m 0700 {Path(CREDENTIAL).parent} && umask 077 && "
+            f"echo {API_TOKEN} > {CREDENTIAL} && "
+            "install -d /etc/systemd/system/layerwatch.service.d && "
+            f"printf '[Service]\\nLoadCredential=api-token:{CREDENTIAL}\\n' "
+            "> /etc/systemd/system/layerwatch.service.d/credentials.conf"
+        )
         daemon.docker("cp", str(deploy / "demo" / "base"), f"{HOST}:/srv/demo/base")
         running.sh("install -d -m 0700 /var/lib/layerwatch/demo/rw")  # the example's rw dir
         running.sh("systemctl disable --now nats-server.service")  # the package's, no JetStream
@@ -141,6 +161,7 @@ def host() -> Iterator[Host]:
         print(running.sh("layerwatch check /etc/layerwatch/layerwatch.toml"))  # an error fails
         running.sh("systemctl daemon-reload && systemctl enable --now layerwatch")
         yield running
+        print(running.journal()[-4000:])  # shown when a test failed
 
 
 def test_started_by_systemd_healthy_and_hardened(host: Host) -> None:
@@ -159,6 +180,23 @@ def test_started_by_systemd_healthy_and_hardened(host: Host) -> None:
     assert status["Seccomp"].strip() == "2"  # a filter
     mnt_service = host.sh(f"readlink /proc/{pid}/ns/mnt").strip()
     assert mnt_service == host.sh("readlink /proc/1/ns/mnt").strip()  # no mount namespace
+
+
+def test_a_systemd_credential_is_the_api_token_and_is_never_logged(host: Host) -> None:
+    """LoadCredential= hands the token to the hardened service through
+    $CREDENTIALS_DIRECTORY, which the config's token_file names: the TCP API accepts that
+    token and refuses another, and the journal never holds it."""
+    pid = host.sh("systemctl show -p MainPID --value layerwatch").strip()
+    environ = host.sh(f"tr '\\0' '\\n' < /proc/{pid}/environ")
+    assert "CREDENTIALS_DIRECTORY=/run/credentials/layerwatch.service" in environ
+    status = "layerwatch status --server http://127.0.0.1:8787 --token-file"
+    _until("the API on TCP", lambda: host.sh(f"{status} {CREDENTIAL}", check=False) != "")
+    assert host.sh(f"{status} {CREDENTIAL}", check=False).startswith("service: ")
+    host.sh("echo another-token > /tmp/wrong && chmod 0600 /tmp/wrong")
+    refused = host.daemon.call("exec", HOST, "/bin/sh", "-c", f"{status} /tmp/wrong")
+    assert refused.returncode == 1
+    assert b"401" in refused.stdout + refused.stderr
+    assert API_TOKEN not in host.journal()
 
 
 def test_its_managed_mount_is_the_hosts_and_changes_are_published(host: Host) -> None:

@@ -27,9 +27,10 @@ from typing import Final, Literal
 from watcher.cli import logconfig as log
 from watcher.core.errors import ConfigError, LayerwatchError
 from watcher.core.mounts import find_mount
-from watcher.delivery.plugins import available_sinks, load_sink
+from watcher.delivery.plugins import available_sinks
 from watcher.service import config as config_mod
 from watcher.service.config import Config, MountConfig
+from watcher.service.service import build_sink
 
 __all__ = [
     "Finding",
@@ -321,7 +322,7 @@ def _sinks(cfg: Config) -> list[Finding]:
             )
             continue
         try:
-            load_sink(sink.name, sink.type, sink.options)
+            build_sink(sink, cfg.secrets)
         except ConfigError as exc:
             out.append(Finding("error", str(exc), f"correct {exc.key}"))
             continue

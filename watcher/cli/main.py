@@ -91,8 +91,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from watcher.service import config
 
     cfg = config.load(args.config)
-    log.configure(level=cfg.log_level)
-    asyncio.run(service_for(cfg).run())
+    log.configure(level=cfg.log_level, redact=cfg.secrets.redact)
+    try:
+        asyncio.run(service_for(cfg).run())
+    except LayerwatchError as exc:  # printed by main(): without the config's secrets
+        raise LayerwatchError(cfg.secrets.redact(str(exc))) from None
     return 0
 
 

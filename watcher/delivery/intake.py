@@ -12,6 +12,7 @@ overflow later turns into a resync. Nothing that was published is dropped.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import Final
 
@@ -20,6 +21,7 @@ import structlog
 from watcher.core.errors import SpoolError
 from watcher.core.model import Kind
 from watcher.delivery.events import Record
+from watcher.delivery.histogram import Histogram
 from watcher.delivery.spool import Spool
 
 __all__ = ["Intake"]
@@ -48,11 +50,14 @@ class Intake:
         self._max_pending_bytes = max_pending_bytes
         self._pending: list[Record] = []
         self._pending_bytes = 0
+        self._put_at: list[tuple[float, int]] = []  # (monotonic time of a put, its records)
         self._lists: dict[str, dict[bytes, Kind | None]] = {}
         self._changed = asyncio.Condition()
         self._committing = False
         self.error: str | None = None
         self.commits = 0
+        self.durable_seconds = Histogram()
+        """Per record: from its ``put`` (published) to the end of the commit that holds it."""
 
     @property
     def pending(self) -> int:
@@ -70,6 +75,8 @@ class Intake:
         """
         self._pending.extend(records)
         self._pending_bytes += sum(len(record.body) for record in records)
+        if records:
+            self._put_at.append((time.monotonic(), len(records)))
         _merge(self._lists, lists)
         async with self._changed:
             self._changed.notify_all()
@@ -86,7 +93,9 @@ class Intake:
             async with self._changed:
                 await self._changed.wait_for(lambda: bool(self._pending))
                 batch, lists, size = self._pending, self._lists, self._pending_bytes
+                put_at = self._put_at
                 self._pending, self._lists, self._pending_bytes = [], {}, 0
+                self._put_at = []
                 self._committing = True
             try:
                 await self._commit(batch, lists)
@@ -94,10 +103,14 @@ class Intake:
                 async with self._changed:  # cancelled mid-commit: keep the records, in order
                     self._pending[:0] = batch
                     self._pending_bytes += size
+                    self._put_at[:0] = put_at
                     self._lists = _merge(lists, self._lists)
                     self._committing = False
                 raise
             del batch, lists  # not held while the writer waits for the next records
+            now = time.monotonic()
+            for at, count in put_at:
+                self.durable_seconds.observe(now - at, count)
             async with self._changed:
                 self._committing = False
                 self._changed.notify_all()

@@ -58,8 +58,8 @@ class Publisher:
         self._outlet = outlet
         self.next_seq = first_seq
         self.published = 0
-        self.resyncs: dict[str, int] = {}
-        """Resyncs published, by reason."""
+        self.resyncs: dict[tuple[str, str], int] = {}
+        """Resyncs published, by mount and reason; an entry stays when its mount goes."""
         self.labels: dict[str, dict[str, str]] = {}
         """Per mount, labels added to each of its events (discovered containers)."""
 
@@ -86,7 +86,8 @@ class Publisher:
             )
         self.next_seq += len(records)  # only once they are encoded: a failure leaves no hole
         for reason in resyncs:
-            self.resyncs[reason] = self.resyncs.get(reason, 0) + 1
+            key = (mount, reason)
+            self.resyncs[key] = self.resyncs.get(key, 0) + 1
         return records
 
     def encode_one(self, seq: int, mount: str, item: Transition | Control) -> Record:

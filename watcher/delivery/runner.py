@@ -37,6 +37,7 @@ import structlog
 
 from watcher.core.errors import SinkRejected, SinkUnavailable, SpoolError
 from watcher.delivery.events import CHANGE, Record
+from watcher.delivery.histogram import Histogram
 from watcher.delivery.sinks import Health, Sink
 
 __all__ = ["EventLog", "Filter", "RunnerConfig", "SinkRunner", "backoff_delay"]
@@ -196,6 +197,7 @@ class SinkRunner:
         dead_lettered: records the sink rejected (written to the dead-letter file).
         filtered: records the filter dropped (acknowledged unsent).
         retries: failed ``open`` and ``send`` attempts that were retried.
+        send_seconds: how long each ``send`` took, failed ones included.
     """
 
     def __init__(self, sink: Sink, events: EventLog, config: RunnerConfig | None = None) -> None:
@@ -205,6 +207,7 @@ class SinkRunner:
         self.dead_lettered = 0
         self.filtered = 0
         self.retries = 0
+        self.send_seconds = Histogram()
         self._events = events
         self._cursor = events.cursor(sink.name)
         self._opened = False
@@ -352,7 +355,7 @@ class SinkRunner:
             if attempt:  # a SIGHUP while a batch is retried applies before the next attempt
                 await self._reopen_if_asked()
             try:
-                await self.sink.send(batch)
+                await self._send(batch)
             except SinkRejected as exc:
                 refused = [r for r in batch if exc.seqs is None or r.seq in exc.seqs] or batch
                 try:
@@ -397,6 +400,14 @@ class SinkRunner:
                 await self._wake.wait()
         except TimeoutError:
             pass
+
+    async def _send(self, batch: list[Record]) -> None:
+        """The sink's ``send``, timed (``send_seconds``) however it ends."""
+        began = time.monotonic()
+        try:
+            await self.sink.send(batch)
+        finally:
+            self.send_seconds.observe(time.monotonic() - began)
 
     def _retry_delay(self, attempt: int, exc: Exception) -> float:
         self.retries += 1

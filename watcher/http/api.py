@@ -38,10 +38,10 @@ from watcher.core.export import export_diff, export_rootfs
 from watcher.core.model import Kind
 from watcher.delivery.events import file_type, path_fields
 from watcher.delivery.spool import PositionLost
-from watcher.http.metrics import CONTENT_TYPE, Exposition
+from watcher.http.metrics import CONTENT_TYPE, Exposition, MetricKind, version
 from watcher.http.pipe import Pipe
 from watcher.http.streams import EventStream
-from watcher.http.view import MountView, ServiceView
+from watcher.http.view import MountView, ServiceView, SinkView
 from watcher.live.inotify import read_limits
 from watcher.service.config import DEFAULT_SOCKET, ApiConfig
 
@@ -457,6 +457,8 @@ class _Api:
         svc = self.service
         spool = await asyncio.to_thread(svc.spool.stats)
         text = Exposition()
+        text.family("build_info", "gauge", "Always 1; the version of layerwatch as a label.")
+        text.sample("build_info", 1, version=version())
         text.family("events_published_total", "counter", "Events published to the spool.")
         text.sample("events_published_total", svc.published)
         text.family("head_seq", "gauge", "The sequence number of the newest event.")
@@ -467,19 +469,51 @@ class _Api:
         text.sample("spool_records", spool.records)
         text.family("spool_bytes", "gauge", "Bytes of the events the spool retains.")
         text.sample("spool_bytes", spool.bytes)
-        text.family("sink_lag", "gauge", "Events in the spool a sink has not acknowledged.")
-        text.family("sink_delivered_total", "counter", "Events a sink accepted.")
-        text.family("sink_retries_total", "counter", "Failed sink attempts that were retried.")
-        text.family("sink_dead_lettered_total", "counter", "Events a sink rejected.")
-        text.family("sink_filtered_total", "counter", "Events a sink's filter dropped.")
-        text.family("sink_up", "gauge", "1 when the sink is healthy.")
-        for name, sink in svc.sinks.items():
-            text.sample("sink_lag", sink.lag, sink=name)
-            text.sample("sink_delivered_total", sink.delivered, sink=name)
-            text.sample("sink_retries_total", sink.retries, sink=name)
-            text.sample("sink_dead_lettered_total", sink.dead_lettered, sink=name)
-            text.sample("sink_filtered_total", sink.filtered, sink=name)
-            text.sample("sink_up", int(sink.health().ok), sink=name)
+        text.family(
+            "durable_seconds",
+            "histogram",
+            "Per event: seconds from published to committed in the spool (group commit).",
+        )
+        text.histogram("durable_seconds", svc.durable_seconds)
+        # Each family's samples follow its HELP and TYPE, together (the text format's rule).
+        sinks = sorted(svc.sinks.items())
+        sink_families: list[tuple[str, MetricKind, str, Callable[[SinkView], float]]] = [
+            (
+                "sink_lag",
+                "gauge",
+                "Events in the spool a sink has not acknowledged.",
+                lambda s: s.lag,
+            ),
+            ("sink_delivered_total", "counter", "Events a sink accepted.", lambda s: s.delivered),
+            (
+                "sink_retries_total",
+                "counter",
+                "Failed sink attempts that were retried.",
+                lambda s: s.retries,
+            ),
+            (
+                "sink_dead_lettered_total",
+                "counter",
+                "Events a sink rejected.",
+                lambda s: s.dead_lettered,
+            ),
+            (
+                "sink_filtered_total",
+                "counter",
+                "Events a sink's filter dropped.",
+                lambda s: s.filtered,
+            ),
+            ("sink_up", "gauge", "1 when the sink is healthy.", lambda s: int(s.health().ok)),
+        ]
+        for family, kind, help_, value in sink_families:
+            text.family(family, kind, help_)
+            for name, sink in sinks:
+                text.sample(family, value(sink), sink=name)
+        text.family(
+            "sink_send_seconds", "histogram", "Seconds each send of a sink took (failed included)."
+        )
+        for name, sink in sinks:
+            text.histogram("sink_send_seconds", sink.send_seconds, sink=name)
         text.family("inotify_watches", "gauge", "inotify watches held for all mounts.")
         text.sample("inotify_watches", svc.watches)
         with contextlib.suppress(WatchError):
@@ -494,15 +528,18 @@ class _Api:
             "inotify_overflows_total", "counter", "inotify queue overflows (IN_Q_OVERFLOW)."
         )
         text.sample("inotify_overflows_total", svc.overflows)
-        text.family("resyncs_total", "counter", "Resyncs published, by reason.")
-        for reason, count in sorted(svc.resyncs.items()):
-            text.sample("resyncs_total", count, reason=reason)
+        text.family("resyncs_total", "counter", "Resyncs published, by mount and reason.")
+        for (mount, reason), count in sorted(svc.resyncs.items()):
+            text.sample("resyncs_total", count, mount=mount, reason=reason)
+        mounts = sorted(svc.mounts.items())
         text.family("mount_entries", "gauge", "Entries in a mount's change list.")
-        text.family("mount_watches", "gauge", "inotify watches held for a mount.")
-        text.family("mount_degraded", "gauge", "1 when the mount is kept by periodic rescans.")
-        for name, state in svc.mounts.items():
+        for name, state in mounts:
             text.sample("mount_entries", len(state.kinds), mount=name)
+        text.family("mount_watches", "gauge", "inotify watches held for a mount.")
+        for name, state in mounts:
             text.sample("mount_watches", state.watch_count, mount=name)
+        text.family("mount_degraded", "gauge", "1 when the mount is kept by periodic rescans.")
+        for name, state in mounts:
             text.sample("mount_degraded", int(bool(state.degraded)), mount=name)
         text.family(
             "component_restarts_total",

@@ -1,8 +1,9 @@
 """Prometheus text exposition (format 0.0.4): a tiny writer, no client library.
 
 The service keeps its counters where they are counted (the publisher, the hub, the sink
-runners); ``GET /metrics`` reads them at scrape time and writes them with an
-:class:`Exposition`. Nothing here keeps state between scrapes.
+runners, the intake); ``GET /metrics`` reads them at scrape time and writes them with an
+:class:`Exposition`. Nothing here keeps state between scrapes. ``docs/operations.md`` lists
+every metric.
 
 Example:
     >>> text = Exposition()
@@ -16,14 +17,19 @@ Example:
 
 from __future__ import annotations
 
+import importlib.metadata
+import math
 from typing import Final, Literal
 
-__all__ = ["CONTENT_TYPE", "Exposition", "escape_label"]
+from watcher.delivery.histogram import Histogram
+
+__all__ = ["CONTENT_TYPE", "Exposition", "MetricKind", "escape_label", "version"]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4"
 """The ``Content-Type`` of the text format."""
 
-MetricKind = Literal["counter", "gauge"]
+MetricKind = Literal["counter", "gauge", "histogram"]
+"""A family's ``TYPE``."""
 
 
 class Exposition:
@@ -51,6 +57,15 @@ class Exposition:
         else:
             self._lines.append(f"{self._prefix}{name} {value}")
 
+    def histogram(self, name: str, histogram: Histogram, **labels: str) -> None:
+        """The samples of one histogram of the family ``name``: a ``_bucket`` per bound
+        (cumulative, ``le="+Inf"`` last), ``_sum`` and ``_count``."""
+        for bound, count in histogram.cumulative():
+            le = "+Inf" if math.isinf(bound) else repr(bound)
+            self.sample(f"{name}_bucket", count, **labels, le=le)
+        self.sample(f"{name}_sum", histogram.sum, **labels)
+        self.sample(f"{name}_count", histogram.count, **labels)
+
     def render(self) -> bytes:
         """The exposition as UTF-8, one line per entry and a final newline."""
         return ("\n".join(self._lines) + "\n").encode()
@@ -59,3 +74,11 @@ class Exposition:
 def escape_label(value: str) -> str:
     r"""``value`` escaped for a label: backslash, double quote and newline (``\n``)."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def version() -> str:
+    """The installed distribution's version (``unknown`` when it is not installed)."""
+    try:
+        return importlib.metadata.version("layerwatch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

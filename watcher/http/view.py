@@ -19,6 +19,7 @@ from typing import Protocol
 from watcher.core.model import Change, Control, Item, Kind, Transition
 from watcher.core.mounts import Filesystem
 from watcher.delivery.events import Record
+from watcher.delivery.histogram import Histogram
 from watcher.delivery.sinks import Health
 from watcher.delivery.spool import Since, SpoolStats
 
@@ -119,6 +120,10 @@ class SinkView(Protocol):
     def filtered(self) -> int:
         """Events its filter dropped."""
 
+    @property
+    def send_seconds(self) -> Histogram:
+        """How long each of the sink's sends took, failed ones included."""
+
     def health(self) -> Health:
         """Whether it delivers now, and why not."""
 
@@ -151,8 +156,13 @@ class ServiceView(Protocol):
         """Events published since the start."""
 
     @property
-    def resyncs(self) -> Mapping[str, int]:
-        """Resyncs published since the start, by reason."""
+    def resyncs(self) -> Mapping[tuple[str, str], int]:
+        """Resyncs published since the start, by (mount, reason); a mount that left keeps
+        its entries (they are counters)."""
+
+    @property
+    def durable_seconds(self) -> Histogram:
+        """Per event: from published to committed in the spool."""
 
     @property
     def restarts(self) -> Mapping[str, int]:

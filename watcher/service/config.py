@@ -3,12 +3,18 @@
 Every unknown key and every bad value raises ``ConfigError`` naming the key
 (``mounts[2].layers``, ``sinks.audit.batch_size``). Sink options other than the runner's
 own (``type``, ``filter``, ``batch_size``, ``linger``, ``dead_letter``, ...) are passed to the
-sink, which validates them itself. Nothing here reads the environment.
+sink, which validates them itself.
+
+``service.stream``, ``service.host``, ``api.token`` and every sink option accept ``${VAR}``
+references and a ``*_file`` form (``watcher.service.secrets``); they are resolved here, once,
+so a sink sees plain values. ``parse`` takes the environment as an argument; only ``load``
+reads ``os.environ``, and only for those references.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
 import tomllib
@@ -20,6 +26,7 @@ from typing import Any, Final
 from watcher.core.digest import DEFAULT_BUDGET, DEFAULT_MAX_SIZE
 from watcher.core.errors import ConfigError
 from watcher.core.layers import Whiteouts
+from watcher.service.secrets import FILE_SUFFIX, Secrets, expand, read_file
 
 __all__ = [
     "ApiConfig",
@@ -79,7 +86,8 @@ class SinkConfig:
 
     name: str
     type: str
-    options: Mapping[str, object]
+    options: Mapping[str, object] = field(repr=False)
+    """The sink's own options, ``${VAR}`` and ``*_file`` resolved (may hold secrets)."""
     batch_size: int = 100
     linger: float | None = None
     backoff_base: float = 0.5
@@ -105,7 +113,7 @@ class ApiConfig:
 
     socket: Path | None = DEFAULT_SOCKET
     listen: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     allow_remote: bool = False
 
 
@@ -130,10 +138,62 @@ class Config:
     api: ApiConfig | None = None
     discovery: DiscoveryConfig | None = None
     stream: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=socket.gethostname)
     log_level: str = "info"
     shutdown_timeout: float = 10.0
     rescan_interval: float = 2.0
     bookmark_interval: float = 60.0
+    secrets: Secrets = field(default_factory=Secrets, repr=False, compare=False)
+    """What was read from the environment or files into secret-bearing keys: blank it out of
+    whatever is shown (``Secrets.redact``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Outside:
+    """Where ``${VAR}`` and ``*_file`` values come from, and where secrets are remembered."""
+
+    env: Mapping[str, str]
+    secrets: Secrets
+
+    def string(self, table: _Table, name: str, *, secret: bool) -> str | None:
+        """The string ``name`` of ``table``, or the content of the file ``name_file``
+        names; references resolved in either. None when both are absent."""
+        file_key = f"{name}{FILE_SUFFIX}"
+        path = table.get(file_key, str)
+        value = table.get(name, str)
+        keep = self.secrets if secret else None
+        if path is not None:
+            if value is not None:
+                raise ConfigError(table.key(file_key), f"give {name} or {file_key}, not both")
+            where = table.key(file_key)
+            return read_file(where, expand(where, path, self.env), keep)
+        return None if value is None else expand(table.key(name), value, self.env, keep)
+
+    def options(self, where: str, raw: Mapping[str, object]) -> dict[str, object]:
+        """A sink's options, every string resolved and every ``KEY_file`` read into ``KEY``
+        (all of them taken as secrets)."""
+        out: dict[str, object] = {}
+        for name, value in raw.items():
+            key = f"{where}.{name}"
+            target = name.removesuffix(FILE_SUFFIX)
+            if target == name or not target:
+                out[name] = self._nested(key, value)
+                continue
+            if target in raw:
+                raise ConfigError(key, f"give {target} or {name}, not both")
+            if not isinstance(value, str):
+                raise ConfigError(key, f"must be a string (a file's path), got {value!r}")
+            out[target] = read_file(key, expand(key, value, self.env), self.secrets)
+        return out
+
+    def _nested(self, key: str, value: object) -> object:
+        if isinstance(value, str):
+            return expand(key, value, self.env, self.secrets)
+        if isinstance(value, list):
+            return [self._nested(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            return {k: self._nested(f"{key}.{k}", v) for k, v in value.items()}
+        return value
 
 
 class _Table:
@@ -296,7 +356,7 @@ def _mount(where: str, raw: object) -> MountConfig:
     return mount
 
 
-def _sink(name: str, raw: object) -> SinkConfig:
+def _sink(name: str, raw: object, outside: _Outside) -> SinkConfig:
     where = f"sinks.{name}"
     t = _Table(where, raw)
     if not _NAME.match(name):
@@ -315,7 +375,7 @@ def _sink(name: str, raw: object) -> SinkConfig:
     return SinkConfig(
         name=name,
         type=type_,
-        options={k: v for k, v in t.raw.items() if k not in _RUNNER_KEYS},
+        options=outside.options(where, {k: v for k, v in t.raw.items() if k not in _RUNNER_KEYS}),
         batch_size=batch_size,
         linger=t.duration("linger", None),
         backoff_base=t.positive_duration("backoff_base", 0.5),
@@ -327,13 +387,14 @@ def _sink(name: str, raw: object) -> SinkConfig:
     )
 
 
-def _stream(service: _Table) -> str:
-    stream: str | None = service.get("stream", str)
-    if stream is None:
+def _identity(service: _Table, outside: _Outside, name: str, what: str) -> str:
+    """``service.stream`` or ``service.host``: the host name unless given."""
+    value = outside.string(service, name, secret=False)
+    if value is None:
         return socket.gethostname()
-    if not stream:
-        raise ConfigError(service.key("stream"), "must not be empty (it starts every event id)")
-    return stream
+    if not value:
+        raise ConfigError(service.key(name), f"must not be empty ({what})")
+    return value
 
 
 def _discovery(top: _Table) -> DiscoveryConfig:
@@ -350,12 +411,18 @@ def _discovery(top: _Table) -> DiscoveryConfig:
     return found
 
 
-def parse(data: Mapping[str, Any]) -> Config:
+def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
     """Build a ``Config`` from a parsed TOML document.
 
+    Args:
+        data: the document.
+        env: the environment ``${VAR}`` references read (None: no variable is set).
+
     Raises:
-        ConfigError: naming the first key that is unknown, missing or bad.
+        ConfigError: naming the first key that is unknown, missing or bad, or a reference
+            that cannot be resolved (an unset variable, an unreadable or empty file).
     """
+    outside = _Outside(env={} if env is None else env, secrets=Secrets())
     top = _Table("", dict(data))
     discovery = _discovery(top) if "discovery" in top.raw else None
     mounts_raw = top.get("mounts", list, [])
@@ -368,7 +435,7 @@ def parse(data: Mapping[str, Any]) -> Config:
             raise ConfigError(f"mounts[{i}].name", f"{mount.name!r} is used twice")
         seen.add(mount.name)
     sinks_table = _Table("sinks", top.get("sinks", dict, {}))
-    sinks = tuple(_sink(name, raw) for name, raw in sinks_table.raw.items())
+    sinks = tuple(_sink(name, raw, outside) for name, raw in sinks_table.raw.items())
     for sink in sinks:
         unknown = sorted((sink.mounts or frozenset()) - seen)
         if unknown and discovery is None:  # discovered mounts are named at run time
@@ -389,7 +456,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         api = ApiConfig(
             socket=api_t.path("socket"),
             listen=api_t.get("listen", str),
-            token=api_t.get("token", str),
+            token=outside.string(api_t, "token", secret=True),
             allow_remote=api_t.get("allow_remote", bool, False),
         )
         api_t.done()
@@ -402,11 +469,13 @@ def parse(data: Mapping[str, Any]) -> Config:
         spool=spool,
         api=api,
         discovery=discovery,
-        stream=_stream(service),
+        stream=_identity(service, outside, "stream", "it starts every event id"),
+        host=_identity(service, outside, "host", "it names the event's source"),
         log_level=service.get("log_level", str, "info"),
         shutdown_timeout=service.positive_duration("shutdown_timeout", 10.0),
         rescan_interval=service.positive_duration("rescan_interval", 2.0),
         bookmark_interval=service.positive_duration("bookmark_interval", 60.0),
+        secrets=outside.secrets,
     )
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("service.log_level", "must be debug, info, warning or error")
@@ -415,11 +484,15 @@ def parse(data: Mapping[str, Any]) -> Config:
     return config
 
 
-def load(path: str | Path) -> Config:
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and parse a TOML config file.
 
+    Args:
+        path: the file.
+        env: the environment for ``${VAR}`` references (None: ``os.environ``).
+
     Raises:
-        ConfigError: the file is unreadable, not TOML, or has a bad key.
+        ConfigError: the file is unreadable, not TOML, or has a bad key or reference.
     """
     try:
         with open(path, "rb") as f:
@@ -430,4 +503,4 @@ def load(path: str | Path) -> Config:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), f"not UTF-8 text (byte {exc.start}): TOML is UTF-8") from exc
-    return parse(data)
+    return parse(data, os.environ if env is None else env)

@@ -27,10 +27,12 @@ from watcher.core.errors import ConfigError, LayerwatchError, MountError, SpoolE
 from watcher.core.model import Change, Control, Item, Kind, Transition, expand
 from watcher.core.mounts import Driver, Filesystem, find_mount
 from watcher.delivery.events import GAP, Record
+from watcher.delivery.histogram import Histogram
 from watcher.delivery.intake import Intake
 from watcher.delivery.plugins import load_sink
 from watcher.delivery.publisher import Publisher
 from watcher.delivery.runner import Filter, RunnerConfig, SinkRunner, backoff_delay
+from watcher.delivery.sinks import Sink
 from watcher.delivery.spool import Spool
 from watcher.live import heap
 from watcher.live.discovery import Discovered, MountEvent, MountSource
@@ -38,9 +40,10 @@ from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
 from watcher.live.tracker import Branch, MountpointBranch, Tracker
 from watcher.service.config import Config, DiscoveryConfig, MountConfig, SinkConfig
+from watcher.service.secrets import Secrets
 from watcher.service.signals import install_stop_signals
 
-__all__ = ["MountState", "Service", "discovered_name", "filesystem_for"]
+__all__ = ["MountState", "Service", "build_sink", "discovered_name", "filesystem_for"]
 
 logger = structlog.get_logger("layerwatch.service")
 
@@ -249,9 +252,14 @@ class Service:
         return self.publisher.published
 
     @property
-    def resyncs(self) -> Mapping[str, int]:
-        """Resyncs published since the start, by reason."""
+    def resyncs(self) -> Mapping[tuple[str, str], int]:
+        """Resyncs published since the start, by mount and reason."""
         return self.publisher.resyncs
+
+    @property
+    def durable_seconds(self) -> Histogram:
+        """Per event: from published to committed in the spool."""
+        return self.runtime.intake.durable_seconds
 
     @property
     def watches(self) -> int:
@@ -334,7 +342,7 @@ class Service:
             for component, failure in self.failures.items()
             if now - failure.at < _FAILURE_SHOWN
         ]
-        return reasons
+        return [self.config.secrets.redact(reason) for reason in reasons]
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -363,6 +371,7 @@ class Service:
                 intake.put,
                 first_seq=spool.last_seq + 1,
                 stream=self.config.stream,
+                host=self.config.host,
                 epoch=spool.epoch,
             )
             inotify = stack.enter_context(Inotify())
@@ -372,7 +381,7 @@ class Service:
             prepared = [(mount, *self._prepare_mount(mount, stack)) for mount in self.config.mounts]
             for sink in self.config.sinks:
                 self.runners[sink.name] = SinkRunner(
-                    load_sink(sink.name, sink.type, sink.options), spool, _runner_config(sink)
+                    build_sink(sink, self.config.secrets), spool, _runner_config(sink)
                 )
             sink_stop = asyncio.Event()
             async with asyncio.TaskGroup() as group:
@@ -657,6 +666,19 @@ class Service:
 def _branch_key(upper: bytes) -> bytes:
     """An upper dir as its trackers name it (resolved, no trailing slash)."""
     return os.path.realpath(upper).rstrip(b"/")
+
+
+def build_sink(sink: SinkConfig, secrets: Secrets) -> Sink:
+    """The sink ``sink`` configures, not yet opened.
+
+    Raises:
+        ConfigError: the sink's type or an option is bad; the message has every value of
+            ``secrets`` blanked out (a sink may quote the option it refuses).
+    """
+    try:
+        return load_sink(sink.name, sink.type, sink.options)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, secrets.redact(exc.problem)) from None
 
 
 def _runner_config(sink: SinkConfig) -> RunnerConfig:

@@ -14,6 +14,7 @@ import contextlib
 import os
 from collections.abc import Mapping, Sequence
 
+from watcher.core.excludes import Excludes
 from watcher.core.model import Change, Control, Item, Kind, Op, Transition, expand
 from watcher.core.mounts import Filesystem
 from watcher.core.rules import compute
@@ -70,12 +71,20 @@ class LiveMount:
         upper: the overlay's upper directory.
         lowers: its lower directories, top first.
         rescan_interval: the hub's rescan period for a degraded tracker.
+        exclude: the tracker's excludes (``check`` computes with the same).
     """
 
     def __init__(
-        self, name: str, upper: str, lowers: Sequence[str], *, rescan_interval: float = 2.0
+        self,
+        name: str,
+        upper: str,
+        lowers: Sequence[str],
+        *,
+        rescan_interval: float = 2.0,
+        exclude: Excludes | None = None,
     ) -> None:
         self.upper = upper
+        self.exclude = exclude
         self.lowers = list(lowers)
         self.items: list[Item] = []
         self.batches: list[list[Item]] = []
@@ -84,7 +93,7 @@ class LiveMount:
         self.inotify = Inotify()
         self.hub = Hub(self.inotify, self._publish, rescan_interval=rescan_interval)
         fs = Filesystem([os.fsencode(p) for p in lowers], os.fsencode(upper), os.devnull)
-        self.tracker = Tracker.of(name, Branch.of(fs), self.hub)
+        self.tracker = Tracker.of(name, Branch.of(fs), self.hub, exclude=exclude)
         self._task: asyncio.Task[None] | None = None
         self.initial: dict[bytes, Kind] = {}
         """What a consumer held before the first item (a restart's persisted list)."""
@@ -125,7 +134,7 @@ class LiveMount:
         Returns:
             The list.
         """
-        want = compute(self.upper, self.lowers)
+        want = compute(self.upper, self.lowers, exclude=self.exclude)
         assert self.tracker.changes() == want, "incremental list differs from compute()"
         got = as_list(replay(self.items, self.initial))
         assert got == want, "replayed events differ from compute()"

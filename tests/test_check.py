@@ -97,6 +97,20 @@ def test_counts_the_directories_to_watch(setup: Setup) -> None:
     assert "16 watch(es) needed" in budget.what  # plus the sync barrier's directory
 
 
+def test_counts_the_watches_excludes_save(setup: Setup) -> None:
+    """Excluded directories are counted as saved, and nothing below them is walked."""
+    for i in range(3):
+        (setup.rw / "cache" / f"d{i}" / "sub").mkdir(parents=True)
+    (setup.rw / "app" / "src").mkdir(parents=True)
+    mount = (
+        f'layers = ["{setup.lower}"]\nrw = "{setup.rw}"\nmountpoint = "{setup.mnt}"\n'
+        'exclude = ["/cache/*"]\n'
+    )
+    findings = check(setup.write(mount))
+    want = "inotify: mount m needs 4 watch(es) now (3 excluded dir(s) not watched)"
+    assert Finding("ok", want) in findings, format_findings(findings)
+
+
 def test_unparsable_config_is_the_only_finding(setup: Setup) -> None:
     """A config error stops the check with one finding naming the key."""
     path = setup.write(extra='[service]\nrescan_interval = "often"\n')

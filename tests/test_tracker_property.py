@@ -39,6 +39,8 @@ from overlay import (
     requires_overlay,
 )
 
+from watcher.core.excludes import Excludes
+
 pytestmark = [requires_overlay, pytest.mark.root]
 
 LOWER_MTIME = 1_700_000_000
@@ -204,6 +206,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     lower_kind: ClassVar[str] = "cases"
     pool: ClassVar[tuple[bytes, ...]] = CASES_POOL
+    exclude: ClassVar[Excludes | None] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -227,7 +230,7 @@ class TrackerMachine(RuleBasedStateMachine):
                 build_layer(lowers[-1], entries)
         ovl = self.stack.enter_context(mount_overlay(tmp, lowers))
         self.merged = os.fsencode(ovl.merged)
-        live = LiveMount("prop", ovl.upper, lowers)
+        live = LiveMount("prop", ovl.upper, lowers, exclude=self.exclude)
         self.loop.run_until_complete(live.start())
         self.stack.callback(lambda: self.loop.run_until_complete(live.stop()))
         self.live = live
@@ -288,6 +291,13 @@ class StackLower(TrackerMachine):
             self._do(op)
 
 
+class ExcludedStackLower(StackLower):
+    """Over three drawn layers, with excludes that cut whole subtrees, one level, and names
+    at any depth: the list is compute() with the same excludes, the excluded dirs unwatched."""
+
+    exclude = Excludes(["/d/**", "/e/a", "y"])
+
+
 MACHINE = settings(
     max_examples=int(os.environ.get("LW_PROP_EXAMPLES", "80")),
     stateful_step_count=20,
@@ -295,6 +305,9 @@ MACHINE = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+# The subclass first: settings applied to a class are inherited, and may not be applied twice.
+TestExcludedStackLower = MACHINE(ExcludedStackLower).TestCase
+TestExcludedStackLower.__doc__ = "With excludes, the live list equals compute with the same."
 TestCasesLower = MACHINE(CasesLower).TestCase
 TestCasesLower.__doc__ = "Over the conformance lower, the live list equals compute and replay."
 TestStackLower = MACHINE(StackLower).TestCase

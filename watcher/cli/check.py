@@ -26,6 +26,7 @@ from typing import Final, Literal
 
 from watcher.cli import logconfig as log
 from watcher.core.errors import ConfigError, LayerwatchError
+from watcher.core.excludes import Excludes
 from watcher.core.mounts import find_mount
 from watcher.delivery.plugins import available_sinks
 from watcher.service import config as config_mod
@@ -114,12 +115,12 @@ def check(config_path: str | Path) -> list[Finding]:
     ]
     out += _kernel(cfg)
     out += _privileges(cfg)
-    uppers: list[tuple[str, Path]] = []
+    uppers: list[tuple[str, Path, Excludes]] = []
     for i, mount in enumerate(cfg.mounts):
         found, upper = _mount(i, mount)
         out += found
         if upper is not None:
-            uppers.append((mount.name, upper))
+            uppers.append((mount.name, upper, mount.exclude))
     out += _spool(cfg)
     out += _sinks(cfg)
     out += _inotify(uppers)
@@ -340,21 +341,26 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _count_dirs(root: Path, deadline: float) -> tuple[int, bool]:
-    """Directories under ``root`` (itself included); True when the walk was cut short."""
-    count = 0
-    stack = [os.fsencode(root)]
+def _count_dirs(root: Path, deadline: float, exclude: Excludes) -> tuple[int, int, bool]:
+    """Directories under ``root`` (itself included) to watch, and those ``exclude`` saves
+    (counted, not walked below); True when the walk was cut short."""
+    count = saved = 0
+    top = os.fsencode(root)
+    stack = [top]
     while stack:
         if count >= _WALK_LIMIT or time.monotonic() > deadline:
-            return count, True
+            return count, saved, True
         path = stack.pop()
         count += 1
         with contextlib.suppress(OSError), os.scandir(path) as it:
             for entry in it:
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-    return count, False
+                        if exclude(entry.path[len(top) :]):
+                            saved += 1
+                        else:
+                            stack.append(entry.path)
+    return count, saved, False
 
 
 def _inotify_in_use(uid: int) -> tuple[int, int]:
@@ -389,7 +395,7 @@ def _pids_of(uid: int) -> Iterator[str]:
                     yield name
 
 
-def _inotify(uppers: list[tuple[str, Path]]) -> list[Finding]:
+def _inotify(uppers: list[tuple[str, Path, Excludes]]) -> list[Finding]:
     max_watches = _read_int(_PROC_SYS / "max_user_watches")
     max_instances = _read_int(_PROC_SYS / "max_user_instances")
     max_queued = _read_int(_PROC_SYS / "max_queued_events")
@@ -404,11 +410,14 @@ def _inotify(uppers: list[tuple[str, Path]]) -> list[Finding]:
     out = []
     deadline = time.monotonic() + _WALK_SECONDS
     needed = 1  # the sync barrier's private directory
-    for name, upper in uppers:
-        count, cut = _count_dirs(upper, deadline)
+    for name, upper, exclude in uppers:
+        count, saved, cut = _count_dirs(upper, deadline, exclude)
         needed += count
         more = "at least " if cut else ""
-        out.append(Finding("ok", f"inotify: mount {name} needs {more}{count} watch(es) now"))
+        spared = f" ({more}{saved} excluded dir(s) not watched)" if exclude else ""
+        out.append(
+            Finding("ok", f"inotify: mount {name} needs {more}{count} watch(es) now{spared}")
+        )
     used, instances = _inotify_in_use(os.geteuid())
     free = max_watches - used
     raise_to = max(max_watches, 2 * (used + needed), 8192)

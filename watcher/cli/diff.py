@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from watcher.cli import target
 from watcher.cli.lineformat import LineFormat, escape_path
 from watcher.core.errors import LayerwatchError
+from watcher.core.excludes import Excludes
 from watcher.core.model import Change, Content, Kind
 from watcher.core.mounts import Filesystem
 
@@ -30,12 +31,14 @@ def _changes(args: argparse.Namespace) -> tuple[list[Change], Filesystem | None]
             raise LayerwatchError("--image takes no MOUNTPOINT, --upper, --lower or --server")
         layer = "-1" if args.layer is None else args.layer
         fs = target.image_layer(args.image, layer, docker_root=args.docker_root)
-        return fs.changes(), fs
+        return fs.changes(_excludes(args)), fs
     if args.layer is not None:
         raise LayerwatchError("--layer needs --image")
     if args.server is not None:
         from watcher.cli import remote
 
+        if args.exclude:
+            raise LayerwatchError("--exclude is the service's own with --server (its config)")
         return remote.diff(args), None
     if args.mountpoint is not None and target.is_container_ref(args.mountpoint):
         if args.lower or args.upper:
@@ -43,9 +46,13 @@ def _changes(args: argparse.Namespace) -> tuple[list[Change], Filesystem | None]
         fs = target.container(
             args.mountpoint, docker_root=args.docker_root, containerd_state=args.containerd_state
         )
-        return fs.changes(), fs
+        return fs.changes(_excludes(args)), fs
     fs = target.filesystem(args)
-    return fs.changes(), fs
+    return fs.changes(_excludes(args)), fs
+
+
+def _excludes(args: argparse.Namespace) -> Excludes | None:
+    return Excludes(args.exclude, where="--exclude") if args.exclude else None
 
 
 def _digests(changes: Sequence[Change], fs: Filesystem) -> dict[bytes, Content]:

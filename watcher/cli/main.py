@@ -282,6 +282,14 @@ def _add_diff_args(parser: argparse.ArgumentParser) -> None:
         help="exit 1 when there are changes, 0 when none, 2 on an error (like git diff)",
     )
     parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out paths matching GLOB and all below them ('**' spans directories; "
+        "'/x' is anchored at the root, 'x' matches at any depth); repeat for several",
+    )
+    parser.add_argument(
         "--hash",
         action="store_true",
         help="the SHA-256 of each added or changed regular file after its path (read through "

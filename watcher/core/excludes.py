@@ -47,6 +47,12 @@ class Excludes:
     def __bool__(self) -> bool:
         return self._match is not None
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Excludes) and other.patterns == self.patterns
+
+    def __hash__(self) -> int:
+        return hash(self.patterns)
+
     def __repr__(self) -> str:
         return f"Excludes({list(self.patterns)!r})"
 

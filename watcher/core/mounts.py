@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Final
 
 from watcher.core.errors import LayerError, MountError, PathError
+from watcher.core.excludes import Excludes
 from watcher.core.layers import Whiteouts
 from watcher.core.model import Change
 from watcher.core.rules import compute
@@ -382,10 +383,15 @@ class Filesystem:
         if not self.is_mounted():
             self.mount()
 
-    def changes(self) -> list[Change]:
-        """The change list of the writable branch, sorted by path."""
+    def changes(self, exclude: Excludes | None = None) -> list[Change]:
+        """The change list of the writable branch, sorted by path (``exclude``: paths left
+        out, ``watcher.core.excludes``)."""
         return compute(
-            self.rw, self.layers, whiteouts=self.whiteouts, xattr_prefix=self.xattr_prefix
+            self.rw,
+            self.layers,
+            whiteouts=self.whiteouts,
+            xattr_prefix=self.xattr_prefix,
+            exclude=exclude,
         )
 
     def export_diff(self, out: BinaryIO) -> int:

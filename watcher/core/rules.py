@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from watcher.core.errors import LayerError
+from watcher.core.excludes import Excludes
 from watcher.core.layers import (
     AUFS_OPQ,
     AUFS_WH,
@@ -91,11 +92,19 @@ class Rules:
         upper: the upper (writable) directory.
         lower: the base view B.
         xattr_prefix: ``b"trusted.overlay."``, or ``b"user.overlay."`` for ``userxattr`` mounts.
+        exclude: paths left out: a scan never names them (nor descends into them), ``child``
+            takes them as absent, so they count for rule 8 neither (``docs/rules.md``).
     """
 
     def __init__(
-        self, upper: bytes | str, lower: LowerStack, *, xattr_prefix: bytes = b"trusted.overlay."
+        self,
+        upper: bytes | str,
+        lower: LowerStack,
+        *,
+        xattr_prefix: bytes = b"trusted.overlay.",
+        exclude: Excludes | None = None,
     ) -> None:
+        self.exclude = exclude or None  # no pattern: no filter at all
         self.upper = os.path.realpath(os.fsencode(upper)).rstrip(b"/")
         self.lower = lower
         self.aufs = lower.whiteouts is Whiteouts.AUFS
@@ -108,7 +117,8 @@ class Rules:
         return DirState(base, b"/" if base is not None else None, True)
 
     def scan(self, path: bytes, state: DirState) -> list[Child]:
-        """Classify every name of the merged directory ``path`` and every name it lost.
+        """Classify every name of the merged directory ``path`` and every name it lost
+        (excluded names left out).
 
         A name that U lists but that is gone by the time it is read (a file removed while
         the directory is listed) is taken as absent: the directory is listed as it is, and the
@@ -117,6 +127,13 @@ class Rules:
         Raises:
             FileNotFoundError, NotADirectoryError: U no longer has the directory.
         """
+        children = self._scan(path, state)
+        if self.exclude is not None:
+            excluded = self.exclude
+            children = [child for child in children if not excluded(child.path)]
+        return children
+
+    def _scan(self, path: bytes, state: DirState) -> list[Child]:
         if state.base is None and state.origin is None:
             return self._scan_added(path)
         present: dict[bytes, tuple[os.stat_result, int]] = {}
@@ -172,9 +189,12 @@ class Rules:
         return children
 
     def child(self, parent: bytes, state: DirState, name: bytes) -> Child:
-        """Classify one name of directory ``parent`` from a fresh look at U (for hints)."""
+        """Classify one name of directory ``parent`` from a fresh look at U (for hints); an
+        excluded name is absent."""
         if self.aufs and name.startswith(AUFS_WH):
             raise ValueError(f"{name!r} is aufs metadata, not an entry")
+        if self.exclude is not None and self.exclude(child_path(parent, name)):
+            return Child(child_path(parent, name), None, None, None)
         upath = self.upper + child_path(parent, name)
         st: os.stat_result | None = None
         whiteout = False
@@ -312,8 +332,10 @@ def compute(
     *,
     whiteouts: str = "overlay",
     xattr_prefix: bytes = b"trusted.overlay.",
+    exclude: Excludes | None = None,
 ) -> list[Change]:
-    """The change list of ``upper`` over ``lowers`` (top first), sorted by path bytes.
+    """The change list of ``upper`` over ``lowers`` (top first), sorted by path bytes;
+    ``exclude`` leaves paths out (and out of rule 8).
 
     Raises:
         LayerError: a layer is missing or not a directory.
@@ -322,7 +344,7 @@ def compute(
     if not os.path.isdir(upper):
         raise LayerError(f"upper {os.fsdecode(upper)!r} is not a directory")
     lower = LowerStack(lowers, whiteouts=Whiteouts(whiteouts), xattr_prefix=xattr_prefix)
-    rules = Rules(upper, lower, xattr_prefix=xattr_prefix)
+    rules = Rules(upper, lower, xattr_prefix=xattr_prefix, exclude=exclude)
     out: dict[bytes, Kind] = {}
     rules.walk(b"/", rules.root(), out)
     return [Change(path, out[path]) for path in sorted(out)]

@@ -23,6 +23,7 @@ from typing import Final, Protocol
 import structlog
 
 from watcher.core.errors import LayerwatchError, MountError, WatchError, WatchLimitError
+from watcher.core.excludes import Excludes
 from watcher.core.layers import LowerStack, child_path
 from watcher.core.model import (
     RESYNC,
@@ -240,11 +241,18 @@ class Tracker:
         xattr_prefix: overlay's metadata xattr prefix.
         resolve: where the branch is now (``check_branch``); by default ``upper`` and
             ``lower`` again.
+        exclude: paths left out of the list, its watches and its scans.
     """
 
     @classmethod
     def of(
-        cls, mount: str, branch: Branch, watches: WatchOps, *, resolve: Resolver | None = None
+        cls,
+        mount: str,
+        branch: Branch,
+        watches: WatchOps,
+        *,
+        resolve: Resolver | None = None,
+        exclude: Excludes | None = None,
     ) -> Tracker:
         """The tracker of ``branch``: the one way the service, ``watch`` and the tests
         follow a branch."""
@@ -255,6 +263,7 @@ class Tracker:
             watches,
             xattr_prefix=branch.xattr_prefix,
             resolve=resolve,
+            exclude=exclude,
         )
 
     def __init__(
@@ -266,10 +275,12 @@ class Tracker:
         *,
         xattr_prefix: bytes = b"trusted.overlay.",
         resolve: Resolver | None = None,
+        exclude: Excludes | None = None,
     ) -> None:
         self.mount = mount
         self.upper = os.path.realpath(upper).rstrip(b"/")
-        self.rules = Rules(upper, lower, xattr_prefix=xattr_prefix)
+        self.exclude = exclude
+        self.rules = Rules(upper, lower, xattr_prefix=xattr_prefix, exclude=exclude)
         self.xattr_prefix = xattr_prefix
         configured = upper
         self._resolve = resolve or (lambda: Branch(configured, lower, xattr_prefix))
@@ -452,7 +463,9 @@ class Tracker:
         old = self.upper
         self._leave()
         self.upper, self.xattr_prefix = upper, branch.xattr_prefix
-        self.rules = Rules(upper, branch.lower, xattr_prefix=branch.xattr_prefix)
+        self.rules = Rules(
+            upper, branch.lower, xattr_prefix=branch.xattr_prefix, exclude=self.exclude
+        )
         self._root, self._gone = root, None
         missing = self.degraded is not None and self.degraded.reason == BRANCH_MISSING
         self.degraded = None  # whatever it was, the branch is scanned from scratch below

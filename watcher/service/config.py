@@ -25,6 +25,7 @@ from typing import Any, Final
 
 from watcher.core.digest import DEFAULT_BUDGET, DEFAULT_MAX_SIZE
 from watcher.core.errors import ConfigError
+from watcher.core.excludes import Excludes
 from watcher.core.layers import Whiteouts
 from watcher.service.secrets import FILE_SUFFIX, Secrets, expand, read_file
 
@@ -58,7 +59,8 @@ class MountConfig:
 
     Managed (``layers`` + ``rw`` + ``mountpoint``): mounted at start, unmounted at stop.
     Attached: an existing ``mountpoint`` (layers read from mountinfo), or ``upper`` +
-    ``lowers`` (no mount needed at all).
+    ``lowers`` (no mount needed at all). ``exclude``: paths left out of the list, the watches
+    and the scans (``core.excludes``); ``hash``: content digests on events (``core.digest``).
     """
 
     name: str
@@ -73,6 +75,7 @@ class MountConfig:
     hash: bool = False
     hash_max_size: int = DEFAULT_MAX_SIZE
     hash_budget: float = DEFAULT_BUDGET
+    exclude: Excludes = field(default_factory=lambda: Excludes([]))
 
     @property
     def managed(self) -> bool:
@@ -337,6 +340,7 @@ def _mount(where: str, raw: object) -> MountConfig:
         lowers=t.paths("lowers"),
         whiteouts=whiteouts,
         userxattr=t.get("userxattr", bool, False),
+        exclude=Excludes(t.strings("exclude") or [], where=t.key("exclude")),
         hash=t.get("hash", bool, False),
         hash_max_size=t.size("hash_max_size", DEFAULT_MAX_SIZE),
         hash_budget=t.positive_duration("hash_budget", DEFAULT_BUDGET),

@@ -563,7 +563,7 @@ class Service:
         if labels is None and not mount.managed and mount.upper is None:  # not discovered
             moved = functools.partial(self._moved, mount.name)
             resolve = MountpointBranch(fs, branch.lower, moved)
-        tracker = Tracker.of(mount.name, branch, hub, resolve=resolve)
+        tracker = Tracker.of(mount.name, branch, hub, resolve=resolve, exclude=mount.exclude)
         persisted = spool.load_list(mount.name) if mount.name in spool.mounts() else None
         await hub.follow(tracker, persisted)
         fs = resolve.fs if resolve is not None else fs  # mounted again while starting

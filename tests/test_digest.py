@@ -165,3 +165,40 @@ def test_diff_hash_prints_each_files_digest(tmp_path: Path) -> None:
     rows = orjson.loads(subprocess.run([*args, "--json"], capture_output=True, check=True).stdout)
     assert rows[2] == {"kind": "C", "path": "/etc/motd", "sha256": motd}
     assert "sha256" not in rows[1]
+
+
+def test_diff_content_lists_what_docker_diff_cannot_see(tmp_path: Path) -> None:
+    """A copied-up file with the lower file's size, mtime, mode and owner but other bytes is
+    not in the list (as for Docker); ``--content`` adds it, marked, with its digest; a
+    copy-up with the same bytes stays out."""
+    import subprocess
+    import sys
+
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    build_layer(
+        str(lower),
+        [LayerEntry("file", b"etc/conf", b"abc\n"), LayerEntry("file", b"etc/same", b"xyz\n")],
+    )
+    (upper / "etc").mkdir(parents=True)
+    for name, data in (("conf", b"abd\n"), ("same", b"xyz\n")):
+        target = upper / "etc" / name
+        target.write_bytes(data)
+        st = os.stat(lower / "etc" / name)
+        os.chmod(target, st.st_mode & 0o7777)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(upper / "etc", ns=(os.stat(lower / "etc").st_mtime_ns,) * 2)
+    args = [sys.executable, "-m", "watcher.cli", "diff", "--upper", str(upper)]
+    args += ["--lower", str(lower)]
+    assert subprocess.run(args, capture_output=True, check=True).stdout == b""
+    out = subprocess.run([*args, "--content"], capture_output=True, check=True).stdout.decode()
+    digest = hashlib.sha256(b"abd\n").hexdigest()
+    assert out == f"C /etc/conf {digest} (content)\n"
+    rows = orjson.loads(subprocess.run([*args, "--content", "--json"], capture_output=True).stdout)
+    assert rows == [
+        {
+            "kind": "C",
+            "path": "/etc/conf",
+            "sha256": digest,
+            "by": "content",
+        }
+    ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from watcher.cli import target
 from watcher.cli.lineformat import LineFormat, escape_path
@@ -74,6 +74,7 @@ def _write(
     args: argparse.Namespace,
     line: LineFormat | None,
     digests: Mapping[bytes, Content],
+    by_content: Collection[bytes] = (),
 ) -> None:
     out = sys.stdout.buffer
     if args.json:
@@ -91,6 +92,8 @@ def _write(
                     row["sha256"] = content.sha256
                     if content.skipped is not None:
                         row["sha256_skipped"] = content.skipped
+                if change.path in by_content:
+                    row["by"] = "content"
         out.write(orjson.dumps(rows) + b"\n")
     elif line is not None:
         out.write("".join(line.render(c) for c in changes).encode())
@@ -99,6 +102,8 @@ def _write(
         for c in changes:
             content = digests.get(c.path)
             tail = "" if content is None else f" {content.sha256 or f'({content.skipped})'}"
+            if c.path in by_content:
+                tail += " (content)"
             lines.append(f"{c.kind} {escape_path(c.path)}{tail}\n")
         out.write("".join(lines).encode())
     out.flush()
@@ -149,11 +154,22 @@ def run(args: argparse.Namespace) -> int:
     if args.since is not None:
         return _since(args)
     line = LineFormat(args.format) if args.format is not None else None
-    if args.hash and args.format is not None:
+    if (args.hash or args.content) and args.format is not None:
         raise LayerwatchError("--hash prints with the default lines or --json, not --format")
     changes, fs = _changes(args)
-    if args.hash and fs is None:
+    hashing = args.hash or args.content
+    if hashing and fs is None:
         raise LayerwatchError("--hash reads the files: it needs the mount here, not --server")
-    digests = _digests(changes, fs) if args.hash and fs is not None else {}
-    _write(changes, args, line, digests)
+    digests = _digests(changes, fs) if hashing and fs is not None else {}
+    by_content: dict[bytes, Content] = {}
+    if args.content and fs is not None:
+        from watcher.core.digest import content_changes
+
+        listed = {c.path for c in changes}
+        by_content = dict(content_changes(fs, listed))
+        extra = [Change(path, Kind.CHANGED) for path in by_content]
+        changes = sorted([*changes, *extra], key=lambda c: c.path)
+        digests = {**digests, **by_content}
+    args.hash = hashing
+    _write(changes, args, line, digests, by_content)
     return 1 if args.exit_code and changes else 0

@@ -296,6 +296,12 @@ def _add_diff_args(parser: argparse.ArgumentParser) -> None:
         "the mount, or in the upper dir); '(too_large)' over 64 MiB",
     )
     parser.add_argument(
+        "--content",
+        action="store_true",
+        help="with the digests of --hash, also list files whose bytes differ from the lower "
+        "layer's though their metadata does not: what docker diff misses, marked '(content)'",
+    )
+    parser.add_argument(
         "--since",
         metavar="SEQ|EPOCH:SEQ",
         help="with --server: the paths changed after that position and what they are now "

@@ -20,21 +20,24 @@ transition names (activity on such a file included) and hashes its bytes with SH
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
+import math
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Final
 
 from watcher.core.errors import PathError
+from watcher.core.layers import LowerStack
 from watcher.core.model import Content, Item, Kind, Transition
 from watcher.core.mounts import Filesystem, open_in_root
 
-__all__ = ["DEFAULT_BUDGET", "DEFAULT_MAX_SIZE", "Digester"]
+__all__ = ["DEFAULT_BUDGET", "DEFAULT_MAX_SIZE", "Digester", "content_changes"]
 
 DEFAULT_MAX_SIZE: Final = 64 << 20
 DEFAULT_BUDGET: Final = 1.0
@@ -120,6 +123,47 @@ class Digester:
                 return Content(None, "too_large")  # it grew while read
             sha.update(chunk)
         return Content(sha.hexdigest())
+
+
+def content_changes(
+    fs: Filesystem, listed: Collection[bytes], *, max_size: int = DEFAULT_MAX_SIZE
+) -> list[tuple[bytes, Content]]:
+    """The regular files of ``fs``'s upper directory that the list leaves out (their metadata
+    equals B's: rule 2 looks at no content) but whose bytes differ from B's file at the same
+    path: what ``docker diff`` cannot see (moby#31805). Sorted by path.
+
+    Each file is compared with B's topmost file at its path; a metacopy upper file (its bytes
+    are B's), a file over ``max_size`` and one B has not as a regular file are left out.
+    """
+    lower = LowerStack(fs.layers, whiteouts=fs.whiteouts, xattr_prefix=fs.xattr_prefix)
+    mine = Digester(fs.rw, max_size, math.inf, metacopy_xattr=fs.xattr_prefix + b"metacopy")
+    out = []
+    for path in _regular_files(fs.rw):
+        if path in listed:
+            continue
+        base = lower.lookup(path)
+        if base is None or not stat.S_ISREG(base.st.st_mode):
+            continue
+        ours = mine.content(path)
+        if ours.sha256 is None:
+            continue
+        theirs = Digester(base.layer, max_size, math.inf).content(path)
+        if theirs.sha256 is not None and theirs.sha256 != ours.sha256:
+            out.append((path, ours))
+    return out
+
+
+def _regular_files(root: bytes) -> list[bytes]:
+    """The regular files under ``root``, as paths inside it, sorted (symlinks not followed)."""
+    found = []
+    for directory, _dirs, files in os.walk(root):
+        prefix = directory[len(root) :] or b""
+        for name in files:
+            path = prefix + b"/" + name
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(directory + b"/" + name).st_mode):
+                    found.append(path)
+    return sorted(found)
 
 
 def _has_xattr(fd: int, name: bytes) -> bool:

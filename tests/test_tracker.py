@@ -28,6 +28,7 @@ from watcher.core.rules import Child, DirState, compute
 from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
+from watcher.live.source import FANOTIFY, INOTIFY
 
 pytestmark = [requires_overlay, pytest.mark.root]
 
@@ -40,10 +41,10 @@ def ovl(overlay_factory: OverlayFactory, lower: str) -> Overlay:
     return overlay_factory([lower])
 
 
-@pytest.fixture
-async def live(ovl: Overlay) -> AsyncIterator[LiveMount]:
-    """A started tracker on ``ovl``; stopped at the end."""
-    mount = LiveMount("m", ovl.upper, ovl.lowers)
+@pytest.fixture(params=[INOTIFY, FANOTIFY])
+async def live(ovl: Overlay, request: pytest.FixtureRequest) -> AsyncIterator[LiveMount]:
+    """A started tracker on ``ovl``, fed by each source in turn; stopped at the end."""
+    mount = LiveMount("m", ovl.upper, ovl.lowers, source=request.param)
     await mount.start()
     yield mount
     await mount.stop()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 __all__ = [
@@ -77,6 +77,8 @@ class Transition:
 
     ``kind == prev_kind`` is an activity event (a write to a path already in the list).
     ``stat`` is the entry's ``lstat`` in the merged view, or None when it is gone.
+    ``process`` is the writer the event source named (attribution on: ``pid``, ``comm``,
+    ``exe``, ``uid``, ``gid``, ``cgroup``), else None; it takes no part in equality.
     """
 
     path: bytes
@@ -84,6 +86,7 @@ class Transition:
     prev_kind: Kind | None
     op: Op
     stat: os.stat_result | None
+    process: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

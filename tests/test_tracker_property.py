@@ -39,6 +39,8 @@ from overlay import (
     requires_overlay,
 )
 
+from watcher.live.source import FANOTIFY, INOTIFY
+
 pytestmark = [requires_overlay, pytest.mark.root]
 
 LOWER_MTIME = 1_700_000_000
@@ -204,6 +206,7 @@ class TrackerMachine(RuleBasedStateMachine):
 
     lower_kind: ClassVar[str] = "cases"
     pool: ClassVar[tuple[bytes, ...]] = CASES_POOL
+    source: ClassVar[str] = INOTIFY
 
     def __init__(self) -> None:
         super().__init__()
@@ -227,7 +230,7 @@ class TrackerMachine(RuleBasedStateMachine):
                 build_layer(lowers[-1], entries)
         ovl = self.stack.enter_context(mount_overlay(tmp, lowers))
         self.merged = os.fsencode(ovl.merged)
-        live = LiveMount("prop", ovl.upper, lowers)
+        live = LiveMount("prop", ovl.upper, lowers, source=self.source)
         self.loop.run_until_complete(live.start())
         self.stack.callback(lambda: self.loop.run_until_complete(live.stop()))
         self.live = live
@@ -288,6 +291,18 @@ class StackLower(TrackerMachine):
             self._do(op)
 
 
+class CasesLowerFanotify(CasesLower):
+    """The same machine, the hints coming from fanotify (a filesystem mark)."""
+
+    source = FANOTIFY
+
+
+class StackLowerFanotify(StackLower):
+    """The same machine, the hints coming from fanotify (a filesystem mark)."""
+
+    source = FANOTIFY
+
+
 MACHINE = settings(
     max_examples=int(os.environ.get("LW_PROP_EXAMPLES", "80")),
     stateful_step_count=20,
@@ -295,7 +310,14 @@ MACHINE = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-TestCasesLower = MACHINE(CasesLower).TestCase
+# Each TestCase is made from a subclass of its own: settings set on a class pass to subclasses.
+TestCasesLower = MACHINE(type("CasesLowerInotify", (CasesLower,), {})).TestCase
 TestCasesLower.__doc__ = "Over the conformance lower, the live list equals compute and replay."
-TestStackLower = MACHINE(StackLower).TestCase
+TestStackLower = MACHINE(type("StackLowerInotify", (StackLower,), {})).TestCase
 TestStackLower.__doc__ = "Over a drawn three-layer stack, the live list equals compute and replay."
+
+
+TestCasesLowerFanotify = MACHINE(CasesLowerFanotify).TestCase
+TestCasesLowerFanotify.__doc__ = "TestCasesLower with fanotify as the event source."
+TestStackLowerFanotify = MACHINE(StackLowerFanotify).TestCase
+TestStackLowerFanotify.__doc__ = "TestStackLower with fanotify as the event source."

@@ -291,6 +291,15 @@ class StackLower(TrackerMachine):
             self._do(op)
 
 
+# Each TestCase is made from a subclass of its own: settings set on a class pass to subclasses.
+class CasesLowerInotify(CasesLower):
+    """The machine over the conformance lower, the hints coming from inotify."""
+
+
+class StackLowerInotify(StackLower):
+    """The machine over a drawn stack, the hints coming from inotify."""
+
+
 class CasesLowerFanotify(CasesLower):
     """The same machine, the hints coming from fanotify (a filesystem mark)."""
 
@@ -310,10 +319,9 @@ MACHINE = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# Each TestCase is made from a subclass of its own: settings set on a class pass to subclasses.
-TestCasesLower = MACHINE(type("CasesLowerInotify", (CasesLower,), {})).TestCase
+TestCasesLower = MACHINE(CasesLowerInotify).TestCase
 TestCasesLower.__doc__ = "Over the conformance lower, the live list equals compute and replay."
-TestStackLower = MACHINE(type("StackLowerInotify", (StackLower,), {})).TestCase
+TestStackLower = MACHINE(StackLowerInotify).TestCase
 TestStackLower.__doc__ = "Over a drawn three-layer stack, the live list equals compute and replay."
 
 

@@ -390,6 +390,8 @@ class _Api:
             "entries": len(state.kinds),
             "counts": counts,
             "watches": state.watch_count,
+            "attribution": state.attribution,
+            "source": self.service.source.get("source"),
             "degraded": state.degraded,
             "errors": list(state.errors),
         }
@@ -434,9 +436,11 @@ class _Api:
     async def healthz(self, request: web.Request) -> web.Response:
         """200 ``ok``, or 503 ``degraded`` with the reasons."""
         reasons = self.service.degraded()
+        source = dict(self.service.source)
         if reasons:
-            return _json({"status": "degraded", "reasons": reasons, "head_seq": self._head}, 503)
-        return _json({"status": "ok", "reasons": [], "head_seq": self._head})
+            body = {"status": "degraded", "reasons": reasons, "head_seq": self._head}
+            return _json({**body, "source": source}, 503)
+        return _json({"status": "ok", "reasons": [], "head_seq": self._head, "source": source})
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text exposition (version 0.0.4)."""

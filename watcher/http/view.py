@@ -49,6 +49,10 @@ class MountView(Protocol):
         """inotify watches held for it."""
 
     @property
+    def attribution(self) -> bool:
+        """Whether its change events name their writer (``data.process``)."""
+
+    @property
     def degraded(self) -> str | None:
         """Why it is not followed by inotify alone (None: it is)."""
 
@@ -153,6 +157,11 @@ class ServiceView(Protocol):
     @property
     def starting(self) -> int:
         """Configured mounts whose first scan still runs."""
+
+    @property
+    def source(self) -> Mapping[str, object]:
+        """The event source in use and why (``source``, ``requested``, ``attribution``,
+        ``reason``); empty before the service runs."""
 
     @property
     def watches(self) -> int:

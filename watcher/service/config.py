@@ -62,6 +62,7 @@ class MountConfig:
     lowers: tuple[Path, ...] = ()
     whiteouts: Whiteouts = Whiteouts.OVERLAY
     userxattr: bool = False
+    attribution: bool = False
 
     @property
     def managed(self) -> bool:
@@ -114,6 +115,7 @@ class DiscoveryConfig:
     containerd_state: Path = Path("/run/containerd")
     mountinfo: Path = Path("/proc/self/mountinfo")
     interval: float = 2.0
+    attribution: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,6 +132,13 @@ class Config:
     shutdown_timeout: float = 10.0
     rescan_interval: float = 2.0
     bookmark_interval: float = 60.0
+    source: str = "auto"
+
+    @property
+    def attribution(self) -> bool:
+        """Whether any mount (configured or discovered) asks for attribution."""
+        found = self.discovery is not None and self.discovery.attribution
+        return found or any(mount.attribution for mount in self.mounts)
 
 
 class _Table:
@@ -273,6 +282,7 @@ def _mount(where: str, raw: object) -> MountConfig:
         lowers=t.paths("lowers"),
         whiteouts=whiteouts,
         userxattr=t.get("userxattr", bool, False),
+        attribution=t.get("attribution", bool, False),
     )
     t.done()
     if mount.layers:
@@ -338,6 +348,7 @@ def _discovery(top: _Table) -> DiscoveryConfig:
         containerd_state=t.path("containerd_state") or default.containerd_state,
         mountinfo=t.path("mountinfo") or default.mountinfo,
         interval=t.positive_duration("interval", default.interval),
+        attribution=t.get("attribution", bool, False),
     )
     t.done()
     return found
@@ -400,9 +411,14 @@ def parse(data: Mapping[str, Any]) -> Config:
         shutdown_timeout=service.positive_duration("shutdown_timeout", 10.0),
         rescan_interval=service.positive_duration("rescan_interval", 2.0),
         bookmark_interval=service.positive_duration("bookmark_interval", 60.0),
+        source=service.get("source", str, "auto"),
     )
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("service.log_level", "must be debug, info, warning or error")
+    if config.source not in ("auto", "inotify", "fanotify"):
+        raise ConfigError("service.source", "must be auto, inotify or fanotify")
+    if config.source == "inotify" and config.attribution:
+        raise ConfigError("service.source", 'attribution needs "fanotify" or "auto"')
     service.done()
     top.done()
     return config

@@ -34,7 +34,7 @@ from watcher.delivery.runner import Filter, RunnerConfig, SinkRunner, backoff_de
 from watcher.delivery.spool import Spool
 from watcher.live.discovery import Discovered, MountEvent, MountSource
 from watcher.live.hub import Hub
-from watcher.live.inotify import Inotify
+from watcher.live.source import Choice, open_source
 from watcher.live.tracker import Branch, Tracker
 from watcher.service.config import Config, DiscoveryConfig, MountConfig, SinkConfig
 from watcher.service.signals import install_stop_signals
@@ -132,6 +132,11 @@ class MountState:
         return self.tracker.watch_count
 
     @property
+    def attribution(self) -> bool:
+        """Whether its change events name their writer (``data.process``)."""
+        return self.tracker.attribution
+
+    @property
     def degraded(self) -> str | None:
         """Why it is not followed by inotify alone (None: it is)."""
         degraded = self.tracker.degraded
@@ -154,6 +159,7 @@ class Runtime:
     intake: Intake
     publisher: Publisher
     hub: Hub
+    source: Choice
 
 
 Component = Callable[["Service"], Awaitable[None]]
@@ -306,6 +312,12 @@ class Service:
         """Configured mounts whose first start has not ended yet."""
         return len(self._starting)
 
+    @property
+    def source(self) -> Mapping[str, object]:
+        """The event source in use and why (``source``, ``requested``, ``attribution``,
+        ``reason``); empty before the service runs."""
+        return {} if self._runtime is None else self._runtime.source.status()
+
     def degraded(self) -> list[str]:
         """Why the service is not fully healthy (empty when it is)."""
         reasons = [f"mount {name}: starting" for name in self._starting]
@@ -359,10 +371,14 @@ class Service:
                 stream=self.config.stream,
                 epoch=spool.epoch,
             )
-            inotify = stack.enter_context(Inotify())
-            hub = Hub(inotify, publisher.publish, rescan_interval=self.config.rescan_interval)
+            source = open_source(self.config.source, attribution=self.config.attribution)
+            stack.callback(source.source.close)
+            logger.info("source_chosen", **source.status())
+            hub = Hub(source.source, publisher.publish, rescan_interval=self.config.rescan_interval)
             stack.callback(hub.close)
-            self._runtime = Runtime(spool=spool, intake=intake, publisher=publisher, hub=hub)
+            self._runtime = Runtime(
+                spool=spool, intake=intake, publisher=publisher, hub=hub, source=source
+            )
             prepared = [(mount, *self._prepare_mount(mount, stack)) for mount in self.config.mounts]
             for sink in self.config.sinks:
                 self.runners[sink.name] = SinkRunner(
@@ -545,6 +561,11 @@ class Service:
             moved = functools.partial(self._moved, mount.name)
             resolve = _MountpointBranch(fs, branch.lower, moved)
         tracker = Tracker.of(mount.name, branch, hub, resolve=resolve)
+        discovery = self.config.discovery
+        found = labels is not None and discovery is not None and discovery.attribution
+        tracker.attribution = (mount.attribution or found) and self.source.get(
+            "attribution"
+        ) is True
         persisted = spool.load_list(mount.name) if mount.name in spool.mounts() else None
         await hub.follow(tracker, persisted)
         fs = resolve.fs if resolve is not None else fs  # mounted again while starting

@@ -69,7 +69,10 @@ async def watch(
     """
     publisher = Publisher(outlet)
     choice = open_source(source, attribution=attribution)
-    logger.info("source_chosen", **choice.status())
+    if choice.reason:
+        logger.warning("source_fallback", **choice.status())
+    else:
+        logger.debug("source_chosen", **choice.status())
     with contextlib.closing(choice.source):
         hub = Hub(choice.source, publisher.publish)
         reader = asyncio.create_task(hub.run(), name="hub")

@@ -14,6 +14,7 @@ import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -162,8 +163,8 @@ def test_encoded_process_is_valid_and_names_the_container_only_by_its_cgroup() -
     st = os.lstat("/")
     encoder = EventEncoder(stream="s", host="h", epoch=1)
     labels = {"runtime": "docker", "container_id": cid}
-    inside = {"pid": 7, "comm": "sh", "exe": "/bin/sh", "uid": 0, "gid": 0}
-    cases = [
+    inside: dict[str, Any] = {"pid": 7, "comm": "sh", "exe": "/bin/sh", "uid": 0, "gid": 0}
+    cases: list[tuple[dict[str, Any], dict[str, str] | None, str | None]] = [
         ({**inside, "cgroup": f"/system.slice/docker-{cid}.scope"}, labels, cid),
         ({**inside, "cgroup": "/user.slice"}, labels, None),  # a host process
         ({**inside, "cgroup": f"/docker/{cid}"}, None, None),  # not a discovered mount

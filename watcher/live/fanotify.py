@@ -252,7 +252,19 @@ def _errname(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
 
-def _handle(path: bytes) -> bytes:
+def _fsid(path: bytes) -> bytes:
+    """The filesystem id of ``path``'s filesystem, as fanotify reports it (``statfs``).
+
+    Raises:
+        OSError: ``path`` is gone.
+    """
+    st = _Statfs()
+    if _libc.statfs(path, ctypes.byref(st)) != 0:
+        raise _os_error(path)
+    return bytes(st.f_fsid)
+
+
+def _handle(path: bytes, fsid: bytes) -> bytes:
     """The key fanotify will report ``path``'s directory under: fsid then ``file_handle``.
 
     Raises:
@@ -272,10 +284,7 @@ def _handle(path: bytes) -> bytes:
             continue
         raise exc
     size = _HANDLE_HEAD.unpack_from(buf, 0)[0]
-    st = _Statfs()
-    if _libc.statfs(path, ctypes.byref(st)) != 0:
-        raise _os_error(path)
-    return bytes(st.f_fsid) + buf.raw[: 8 + size]
+    return fsid + buf.raw[: 8 + size]
 
 
 @dataclass(slots=True)
@@ -338,6 +347,8 @@ class Fanotify:
         """Handle key to watch descriptor: the hot path's one lookup."""
         self._watches: dict[int, _Watch] = {}
         self._filesystems: dict[int, _Filesystem] = {}
+        self._fsids: dict[int, bytes] = {}
+        """Device number to fsid: one ``statfs`` per filesystem, not per directory."""
         self._next_wd = 1
         self._reading = False
         self._waiter: asyncio.Future[None] | None = None
@@ -386,7 +397,10 @@ class Fanotify:
             raise WatchError(f"cannot watch {_show(path)}: path contains a NUL byte")
         try:
             st = os.lstat(path)
-            key = _handle(path)
+            fsid = self._fsids.get(st.st_dev)
+            if fsid is None:
+                fsid = self._fsids[st.st_dev] = _fsid(path)
+            key = _handle(path, fsid)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise WatchLimitError(
@@ -449,6 +463,7 @@ class Fanotify:
         if fs.count > 0:
             return
         del self._filesystems[device]
+        self._fsids.pop(device, None)  # a device number is reused by the next tmpfs, say
         if fs.anchor is not None:
             flags = _FAN_MARK_REMOVE | _FAN_MARK_FILESYSTEM
             _libc.mark(fd, flags, _FOLLOW_MASK, _AT_FDCWD, fs.anchor)

@@ -219,8 +219,11 @@ async def many_dirs(name: str, dirs: int) -> dict[str, Any]:
         seconds, cpu = time.monotonic() - start, _cpu() - cpu
         deep = f"/a{dirs // 2000}/b777/late"
         _write(upper + deep)
+        sync = time.monotonic()
         await live.sync()
+        sync = time.monotonic() - sync
         result = {
+            "sync_s": sync,
             "start_s": seconds,
             "start_cpu_s": cpu,
             "watches": live.tracker.watch_count,
@@ -233,6 +236,15 @@ async def many_dirs(name: str, dirs: int) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> None:
     print(f"# bench_fanotify: {os.uname().release}, branches on tmpfs, loadgen.c")
+    if "1" in args.parts:
+        await _sustained_table(args)
+    if "2" in args.parts:
+        await _unrelated_table(args)
+    if "3" in args.parts:
+        await _many_dirs_table(args)
+
+
+async def _sustained_table(args: argparse.Namespace) -> None:
     print(f"\n## Sustained load, {args.ops} mixed operations per run")
     print(
         f"{'source':>22} {'target':>7} {'gen ops/s':>9} {'events':>7} {'events/s':>9} "
@@ -247,6 +259,9 @@ async def run(args: argparse.Namespace) -> None:
                 f"{r['events_s']:9.0f} {r['cpu_s']:6.2f} {r['us_event']:8.1f} "
                 f"{r['us_op']:6.1f} {r['overflows']:3d} {r['exact']!s:>5} {r['attributed']:6d}"
             )
+
+
+async def _unrelated_table(args: argparse.Namespace) -> None:
     print(f"\n## Unrelated writes on the same filesystem, {args.ops} operations")
     print(f"{'marks':>10} {'target':>7} {'gen ops/s':>9} {'filtered':>8} {'CPU s':>6} {'us/op':>6}")
     for rate in (10_000, 50_000):
@@ -256,16 +271,19 @@ async def run(args: argparse.Namespace) -> None:
                 f"{marks:>10} {rate:7d} {u['gen_ops_s']:9.0f} {u['filtered']:8d} "
                 f"{u['cpu_s']:6.2f} {u['us_op']:6.1f}"
             )
+
+
+async def _many_dirs_table(args: argparse.Namespace) -> None:
     print(f"\n## {args.dirs} directories, 8192 inotify watches left (max_user_watches lowered)")
     print(
         f"{'source':>9} {'start s':>7} {'CPU s':>6} {'watches':>8} {'degraded':>12} "
-        f"{'seen at sync':>12}"
+        f"{'seen at sync':>12} {'sync s':>7}"
     )
     for name in ("inotify", "fanotify"):
         m = await many_dirs(name, args.dirs)
         print(
             f"{name:>9} {m['start_s']:7.1f} {m['start_cpu_s']:6.1f} {m['watches']:8d} "
-            f"{m['degraded']:>12} {m['seen_at_sync']!s:>12}"
+            f"{m['degraded']:>12} {m['seen_at_sync']!s:>12} {m['sync_s']:7.2f}"
         )
 
 
@@ -274,6 +292,7 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=50_000, help="operations per run")
     parser.add_argument("--dirs", type=int, default=200_000, help="directories (part 3)")
     parser.add_argument("--no-tmpfs", action="store_true", help="branches on /tmp's filesystem")
+    parser.add_argument("--parts", default="123", help="which parts to run (default: 123)")
     args = parser.parse_args()
     bench_live.TMPFS[0] = not args.no_tmpfs
     bench_live.use_c_generator()

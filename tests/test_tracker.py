@@ -41,10 +41,12 @@ def ovl(overlay_factory: OverlayFactory, lower: str) -> Overlay:
     return overlay_factory([lower])
 
 
-@pytest.fixture(params=[INOTIFY, FANOTIFY])
+@pytest.fixture(params=[INOTIFY, FANOTIFY, "fanotify+attribution"])
 async def live(ovl: Overlay, request: pytest.FixtureRequest) -> AsyncIterator[LiveMount]:
-    """A started tracker on ``ovl``, fed by each source in turn; stopped at the end."""
-    mount = LiveMount("m", ovl.upper, ovl.lowers, source=request.param)
+    """A started tracker on ``ovl``, fed by each source in turn (fanotify also with
+    attribution on); stopped at the end."""
+    source, _, attribution = str(request.param).partition("+")
+    mount = LiveMount("m", ovl.upper, ovl.lowers, source=source, attribution=bool(attribution))
     await mount.start()
     yield mount
     await mount.stop()

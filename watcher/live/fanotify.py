@@ -327,6 +327,18 @@ class Fanotify:
         WatchError: The kernel refused the group (EPERM: no CAP_SYS_ADMIN; EINVAL: a kernel
             without directory handles or pidfds; EMFILE), naming the errno.
         ValueError: ``marks`` is neither of the two.
+
+    Example (as root):
+        >>> import asyncio, os, tempfile
+        >>> async def demo() -> list[tuple[bytes, str | None]]:
+        ...     with tempfile.TemporaryDirectory() as top, Fanotify(attribution=True) as fan:
+        ...         fan.add_watch(os.fsencode(top))
+        ...         with open(os.path.join(top, "f"), "wb") as f:
+        ...             f.write(b"x")
+        ...         events = await fan.read()
+        ...         return [(e.name, e.process.comm) for e in events]  # type: ignore[attr-defined]
+        >>> asyncio.run(demo())  # the kernel merged the create and the write into one event
+        [(b'f', 'python...')]
     """
 
     def __init__(self, *, attribution: bool = False, marks: str = FILESYSTEM) -> None:

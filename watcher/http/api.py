@@ -478,10 +478,10 @@ class _Api:
             text.sample("inotify_max_user_watches", limits.max_user_watches)
             text.family("inotify_max_queued_events", "gauge", "fs.inotify.max_queued_events.")
             text.sample("inotify_max_queued_events", limits.max_queued_events)
-        text.family("inotify_events_read_total", "counter", "inotify events read.")
+        text.family("inotify_events_read_total", "counter", "Events read from the source (either).")
         text.sample("inotify_events_read_total", svc.events_read)
         text.family(
-            "inotify_overflows_total", "counter", "inotify queue overflows (IN_Q_OVERFLOW)."
+            "inotify_overflows_total", "counter", "Source queue overflows (IN_ or FAN_Q_OVERFLOW)."
         )
         text.sample("inotify_overflows_total", svc.overflows)
         text.family("resyncs_total", "counter", "Resyncs published, by reason.")

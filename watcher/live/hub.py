@@ -360,7 +360,7 @@ class Hub(WatchOps):
             self.overflows += 1
             for starting in self._starting.values():
                 starting.overflow = True
-            logger.warning("source_overflow", mounts=len(self.trackers))
+            logger.warning("inotify_overflow", mounts=len(self.trackers))  # either source
             # A full queue drops events, sync cookies included: every sync() waiting now
             # began before this rescan, so the rescan covers it.
             cookies.extend(self._cookies)

@@ -41,12 +41,19 @@ def ovl(overlay_factory: OverlayFactory, lower: str) -> Overlay:
     return overlay_factory([lower])
 
 
-@pytest.fixture(params=[INOTIFY, FANOTIFY, "fanotify+attribution"])
+@pytest.fixture(params=[INOTIFY, FANOTIFY, "fanotify+attribution", "fanotify+inode"])
 async def live(ovl: Overlay, request: pytest.FixtureRequest) -> AsyncIterator[LiveMount]:
     """A started tracker on ``ovl``, fed by each source in turn (fanotify also with
-    attribution on); stopped at the end."""
-    source, _, attribution = str(request.param).partition("+")
-    mount = LiveMount("m", ovl.upper, ovl.lowers, source=source, attribution=bool(attribution))
+    attribution on, and with one inode mark per directory); stopped at the end."""
+    source, _, variant = str(request.param).partition("+")
+    mount = LiveMount(
+        "m",
+        ovl.upper,
+        ovl.lowers,
+        source=source,
+        attribution=variant == "attribution",
+        marks="inode" if variant == "inode" else "filesystem",
+    )
     await mount.start()
     yield mount
     await mount.stop()

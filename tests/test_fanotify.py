@@ -246,3 +246,19 @@ async def test_close_wakes_a_waiting_reader(top: bytes) -> None:
     with pytest.raises(WatchError):
         async with asyncio.timeout(5):
             await reader
+
+
+async def test_removing_a_moved_directory_keeps_the_mark_of_the_one_now_at_its_path(
+    top: bytes,
+) -> None:
+    """Inode marks are removed through a path: when another followed directory is there now,
+    its mark stays (removing it would silence that directory)."""
+    with Fanotify(marks=INODE) as fan:
+        os.mkdir(top + b"/p")
+        old = fan.add_watch(top + b"/p")
+        os.rename(top + b"/p", top + b"/moved")
+        os.mkdir(top + b"/p")
+        new = fan.add_watch(top + b"/p")
+        fan.rm_watch(old)  # the tracker drops the old one after adding the new (a rescan)
+        touch(top + b"/p/f")
+        await read_until(fan, has(IN_CREATE, b"f", new))

@@ -419,7 +419,7 @@ def _source(cfg: Config, uppers: list[tuple[str, Path]]) -> tuple[list[Finding],
                     fix = 'set service.source = "inotify" for this machine'
                     out.append(Finding("error", f"fanotify: mount {name}: {exc}", fix))
                     continue
-                strategy = next(iter(choice.source.strategies.values()), "?")
+                strategy = choice.source.strategies.get(os.stat(upper).st_dev, "inode")
                 out.append(Finding("ok", f"fanotify: mount {name}: {strategy} mark(s)"))
     return out, choice.name
 

@@ -459,14 +459,24 @@ class Fanotify:
             return
         if self._wds.get(watch.key) == wd:
             del self._wds[watch.key]
-        if watch.inode_mark:
-            # Through the path it was last known at: if that is now another directory, the
-            # kernel refuses or removes nothing of ours; a mark left behind only costs events
-            # that miss the dict, until its inode goes.
+        if watch.inode_mark and self._still_at(watch):
             flags = _FAN_MARK_REMOVE | _FAN_MARK_ONLYDIR | _FAN_MARK_DONT_FOLLOW
             bits = watch.mask & _EVENT_BITS if watch.device is None else _FOLLOW_MASK
             _libc.mark(fd, flags, bits | _FAN_EVENT_ON_CHILD, _AT_FDCWD, watch.path)
         self._release(fd, watch.device)
+
+    def _still_at(self, watch: _Watch) -> bool:
+        """Whether the directory is still at the path it was last known at.
+
+        An inode mark is removed through a path; if another directory is there now (one this
+        group may follow too), removing would drop *its* mark. Then the old mark is left: the
+        kernel drops it with its inode, and its events meanwhile miss the dict.
+        """
+        fsid = self._fsids.get(watch.device) if watch.device is not None else None
+        try:
+            return _handle(watch.path, fsid or _fsid(watch.path)) == watch.key
+        except OSError:
+            return False
 
     def _release(self, fd: int, device: int | None) -> None:
         if device is None or (fs := self._filesystems.get(device)) is None:

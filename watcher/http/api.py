@@ -484,6 +484,12 @@ class _Api:
             "inotify_overflows_total", "counter", "Source queue overflows (IN_ or FAN_Q_OVERFLOW)."
         )
         text.sample("inotify_overflows_total", svc.overflows)
+        text.family(
+            "fanotify_events_filtered_total",
+            "counter",
+            "fanotify events for directories no mount follows (a filesystem mark's cost).",
+        )
+        text.sample("fanotify_events_filtered_total", svc.events_filtered)
         text.family("resyncs_total", "counter", "Resyncs published, by reason.")
         for reason, count in sorted(svc.resyncs.items()):
             text.sample("resyncs_total", count, reason=reason)

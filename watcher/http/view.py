@@ -175,6 +175,10 @@ class ServiceView(Protocol):
     def overflows(self) -> int:
         """inotify queue overflows since the start."""
 
+    @property
+    def events_filtered(self) -> int:
+        """Events fanotify's filesystem marks delivered for directories no mount follows."""
+
     def degraded(self) -> list[str]:
         """Why the service is not fully healthy (empty when it is)."""
 

@@ -33,6 +33,7 @@ from watcher.delivery.publisher import Publisher
 from watcher.delivery.runner import Filter, RunnerConfig, SinkRunner, backoff_delay
 from watcher.delivery.spool import Spool
 from watcher.live.discovery import Discovered, MountEvent, MountSource
+from watcher.live.fanotify import Fanotify
 from watcher.live.hub import Hub
 from watcher.live.source import Choice, open_source
 from watcher.live.tracker import Branch, Tracker
@@ -271,6 +272,14 @@ class Service:
     def overflows(self) -> int:
         """inotify queue overflows since the start."""
         return self.hub.overflows
+
+    @property
+    def events_filtered(self) -> int:
+        """Events fanotify's filesystem marks delivered for directories no mount follows
+        (0 with inotify): what the filesystem marks cost."""
+        if self._runtime is None or not isinstance(self._runtime.source.source, Fanotify):
+            return 0
+        return self._runtime.source.source.events_filtered
 
     def encode(self, seq: int, mount: str, item: Transition | Control) -> Record:
         """Encode ``item`` as ``mount``'s event at ``seq`` (synthesized snapshots)."""

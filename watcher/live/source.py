@@ -7,6 +7,8 @@ a filesystem mark (no per-directory limit) and can name the writer (attribution)
 
 ``open_source`` picks one: ``auto`` takes fanotify where the kernel permits it (CAP_SYS_ADMIN,
 directory handles, pidfds for attribution) and falls back to inotify otherwise, saying why.
+Without CAP_SYS_ADMIN the kernel would still give an unprivileged fanotify group, but with
+inode marks only (one per directory, like inotify's watches): ``auto`` takes inotify then.
 """
 
 from __future__ import annotations
@@ -84,6 +86,21 @@ class Choice:
         }
 
 
+_CAP_SYS_ADMIN: Final = 21
+
+
+def _has_sys_admin() -> bool:
+    """Whether this process has CAP_SYS_ADMIN in its effective set (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def open_source(requested: str = AUTO, *, attribution: bool = False) -> Choice:
     """Open the source ``requested`` (``auto``: fanotify if permitted, else inotify).
 
@@ -102,6 +119,8 @@ def open_source(requested: str = AUTO, *, attribution: bool = False) -> Choice:
             raise ConfigError("attribution", 'needs source = "fanotify" or "auto", not "inotify"')
         return Choice(Inotify(), INOTIFY, requested, False)
     try:
+        if requested == AUTO and not _has_sys_admin():
+            raise WatchError("no CAP_SYS_ADMIN, which fanotify's filesystem marks need")
         fan = Fanotify(attribution=attribution)
     except WatchError as exc:
         if requested == FANOTIFY:

@@ -478,12 +478,15 @@ class Branch:
         return [str(c.data["reason"]) for c in self.live.controls(RESYNC)]
 
 
-@pytest.fixture
-async def branch(tmp_path: Path, lower: str) -> AsyncIterator[Branch]:
-    """A tracker on an upper dir whose overlay the test mounts (and replaces) itself."""
+@pytest.fixture(params=[INOTIFY, FANOTIFY])
+async def branch(
+    tmp_path: Path, lower: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Branch]:
+    """A tracker on an upper dir whose overlay the test mounts (and replaces) itself, fed by
+    each source in turn."""
     base = tmp_path / "branch"
     (base / "upper").mkdir(parents=True)
-    live = LiveMount("m", str(base / "upper"), [lower], rescan_interval=0.1)
+    live = LiveMount("m", str(base / "upper"), [lower], rescan_interval=0.1, source=request.param)
     await live.start()
     try:
         yield Branch(str(base), str(base / "upper"), lower, live)

@@ -1,6 +1,7 @@
 """Test kit for the live tracker: a Tracker on a real overlay mount, wired the service's way.
 
-``LiveMount`` owns one ``Inotify``, one ``Hub`` and one ``Tracker`` over a mounted overlay,
+``LiveMount`` owns one event source (``inotify`` by default, or ``fanotify``), one ``Hub`` and
+one ``Tracker`` over a mounted overlay,
 records every item the hub publishes, and checks the tracker's two promises after ``sync()``:
 the incremental list equals ``compute(upper, lowers)``, and replaying the published items from
 empty gives the same list (``replay`` also checks that every transition's ``prev_kind`` is
@@ -19,8 +20,10 @@ from watcher.core.model import Change, Control, Item, Kind, Op, Transition, expa
 from watcher.core.mounts import Filesystem
 from watcher.core.rules import compute
 from watcher.delivery.events import SNAPSHOT_BEGIN
+from watcher.live.fanotify import Fanotify
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
+from watcher.live.source import FANOTIFY, INOTIFY, Source
 from watcher.live.tracker import Branch, Tracker
 
 ACTIVITY_OPS = frozenset({Op.MODIFY, Op.ATTRIB, Op.CREATE, Op.MOVE})
@@ -72,6 +75,9 @@ class LiveMount:
         lowers: its lower directories, top first.
         rescan_interval: the hub's rescan period for a degraded tracker.
         exclude: the tracker's excludes (``check`` computes with the same).
+        source: ``inotify`` or ``fanotify`` (a filesystem mark, or inode marks with
+            ``marks="inode"``).
+        attribution: fanotify only: transitions name their writer.
     """
 
     def __init__(
@@ -82,6 +88,9 @@ class LiveMount:
         *,
         rescan_interval: float = 2.0,
         exclude: Excludes | None = None,
+        source: str = INOTIFY,
+        attribution: bool = False,
+        marks: str = "filesystem",
     ) -> None:
         self.upper = upper
         self.exclude = exclude
@@ -90,10 +99,17 @@ class LiveMount:
         self.batches: list[list[Item]] = []
         self.published = asyncio.Event()
         """Set at every publish (clear it, then wait for the next one)."""
-        self.inotify = Inotify()
-        self.hub = Hub(self.inotify, self._publish, rescan_interval=rescan_interval)
+        self.source: Source
+        if source == FANOTIFY:
+            self.source = Fanotify(attribution=attribution, marks=marks)
+        else:
+            assert source == INOTIFY, f"no such source: {source}"
+            assert not attribution, "attribution needs fanotify"
+            self.source = Inotify()
+        self.hub = Hub(self.source, self._publish, rescan_interval=rescan_interval)
         fs = Filesystem([os.fsencode(p) for p in lowers], os.fsencode(upper), os.devnull)
         self.tracker = Tracker.of(name, Branch.of(fs), self.hub, exclude=exclude)
+        self.tracker.attribution = attribution
         self._task: asyncio.Task[None] | None = None
         self.initial: dict[bytes, Kind] = {}
         """What a consumer held before the first item (a restart's persisted list)."""
@@ -144,11 +160,11 @@ class LiveMount:
         return want
 
     async def stop(self) -> None:
-        """Stop the loop, drop watches, close the inotify instance."""
+        """Stop the loop, drop watches, close the event source."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         self.hub.close()
-        self.inotify.close()
+        self.source.close()

@@ -211,7 +211,10 @@ async def test_healthz_metrics_and_mounts(tmp_path: Path) -> None:
     async with running(tmp_path) as run, unix_session(run) as s:
         async with s.get("/healthz") as resp:
             assert resp.status == 200
-            assert (await resp.json())["status"] == "ok"
+            health = await resp.json()
+        assert health["status"] == "ok"
+        assert health["source"]["source"] in ("inotify", "fanotify")
+        assert health["source"]["requested"] == "auto"
         (run.merged / "new.txt").write_text("x")
         await changes(s)
         async with s.get("/metrics") as resp:
@@ -219,6 +222,7 @@ async def test_healthz_metrics_and_mounts(tmp_path: Path) -> None:
         assert resp.headers["Content-Type"].startswith("text/plain")
         assert 'layerwatch_mount_entries{mount="m"} 1' in text
         assert "layerwatch_inotify_max_user_watches " in text
+        assert "layerwatch_fanotify_events_filtered_total " in text
         published = next(
             line for line in text.splitlines() if line.startswith("layerwatch_events_published")
         )
@@ -234,6 +238,8 @@ async def test_healthz_metrics_and_mounts(tmp_path: Path) -> None:
         assert mounts["m"]["managed"] is True
         assert mounts["m"]["entries"] == 1
         assert mounts["m"]["counts"] == {"A": 1, "C": 0, "D": 0}
+        assert mounts["m"]["source"] == health["source"]["source"]
+        assert mounts["m"]["attribution"] is False
         async with s.get("/v1/mounts/nope") as resp:
             assert resp.status == 404
             assert "nope" in (await resp.json())["error"]

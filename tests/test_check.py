@@ -253,15 +253,45 @@ def test_watch_limit_too_low_gives_the_sysctl_and_its_cost(setup: Setup, fake_li
     for i in range(30):
         (setup.rw / f"d{i}").mkdir()
     (fake_limits / "max_user_watches").write_text(f"{IN_USE + 10}\n")
-    found = only_error(check(setup.write()))
+    inotify = '[service]\nsource = "inotify"\n'
+    found = only_error(check(setup.write(extra=inotify)))
     assert "32 watch(es) needed" in found.what
     assert "sysctl -w fs.inotify.max_user_watches=" in found.fix
     assert "/etc/sysctl.d/" in found.fix
     assert "1 KB of kernel memory" in found.fix
     (fake_limits / "max_user_watches").write_text(f"{IN_USE + 36}\n")
-    findings = check(setup.write())
+    findings = check(setup.write(extra=inotify))
     assert errors(findings) == []
     assert any(f.level == "warn" and "little room" in f.what for f in findings)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="fanotify filesystem marks need root")
+def test_fanotify_source_is_reported_and_the_watch_limit_only_warns(
+    setup: Setup, fake_limits: Path
+) -> None:
+    """With fanotify in use, the source and each mount's marking are reported, and an inotify
+    watch shortage is a warning about the fallback, not an error."""
+    for i in range(30):
+        (setup.rw / f"d{i}").mkdir()
+    (fake_limits / "max_user_watches").write_text(f"{IN_USE + 10}\n")
+    findings = check(setup.write(extra='[service]\nsource = "fanotify"\n'))
+    assert errors(findings) == []
+    assert Finding("ok", "source: fanotify (service.source = 'fanotify')") in findings
+    assert Finding("ok", "fanotify: mount m: filesystem mark(s)") in findings
+    warn = next(f for f in findings if "32 watch(es) needed" in f.what)
+    assert warn.level == "warn"
+    assert "falls back to inotify" in warn.what
+
+
+def test_attribution_with_inotify_is_a_config_error(setup: Setup) -> None:
+    """``attribution = true`` with ``source = "inotify"``: the config error names the key."""
+    mount = f'rw = "{setup.rw}"\nlayers = ["{setup.lower}"]\nmountpoint = "{setup.mnt}"\n'
+    findings = check(
+        setup.write(mount=mount + "attribution = true\n", extra=('[service]\nsource = "inotify"\n'))
+    )
+    found = only_error(findings)
+    assert "service.source" in found.what
+    assert "attribution" in found.what
 
 
 def test_small_event_queue_is_a_warning(setup: Setup, fake_limits: Path) -> None:

@@ -319,3 +319,34 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path.write_bytes(b'[service]\nstream = "caf\xe9"\n')
     with pytest.raises(ConfigError, match="not UTF-8"):
         config.load(path)
+
+
+def test_source_and_attribution_parse() -> None:
+    """``service.source`` picks the event source; attribution is per mount and for discovery."""
+    doc = with_value("service.source", "fanotify")
+    doc["mounts"][0]["attribution"] = True
+    cfg = config.parse(doc)
+    assert (cfg.source, cfg.mounts[0].attribution, cfg.attribution) == ("fanotify", True, True)
+    assert config.parse(base()).source == "auto"
+    assert not config.parse(base()).attribution
+    found = config.parse({**base(), "discovery": {"attribution": True}})
+    assert found.discovery is not None
+    assert found.attribution
+
+
+@pytest.mark.parametrize(
+    ("doc", "key"),
+    [
+        (with_value("service.source", "ebpf"), "service.source"),
+        (with_value("mounts.0.attribution", "yes"), "mounts[0].attribution"),
+        (
+            {**with_value("service.source", "inotify"), "discovery": {"attribution": True}},
+            "service.source",
+        ),
+    ],
+)
+def test_bad_source_or_attribution_names_its_key(doc: dict[str, Any], key: str) -> None:
+    """An unknown source, a non-boolean attribution, attribution with inotify: each names it."""
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc)
+    assert info.value.key == key

@@ -453,3 +453,54 @@ def test_cli_diff_of_a_containerd_container(docker: Docker) -> None:
                 time.sleep(0.1)
         _ctr(docker, "containers", "rm", "lw-ctd")
         _ctr(docker, "images", "rm", ref)
+
+
+async def test_a_write_in_a_container_is_attributed_to_it(docker: Docker, tmp_path: Path) -> None:
+    """With ``[discovery] attribution = true`` (fanotify), a file written by a process inside
+    the container (``docker exec``) is a change event naming that process, in that container's
+    cgroup, with the container's id."""
+    config = parse(
+        {
+            "discovery": {
+                "mountpoint_glob": f"{docker.data_root}/overlay2/*/merged",
+                "docker_root": str(docker.data_root),
+                "interval": "1s",
+                "attribution": True,
+            },
+            "spool": {"path": str(tmp_path / "spool.db")},
+            "sinks": {"file": {"type": "jsonl", "path": str(tmp_path / "events.jsonl")}},
+        }
+    )
+    service = Service(config)
+    task = asyncio.create_task(service.run(signals=False))
+    with _container(docker, "lw-attributed") as cid:
+        try:
+            await asyncio.wait_for(service.started.wait(), 30)
+            mount = f"docker-{cid[:12]}"
+            await _until(functools.partial(operator.contains, service.mounts, mount))
+            assert service.mounts[mount].attribution
+            upper = service.mounts[mount].tracker.upper
+            # The writer stays a few seconds: /proc is read when its event is read.
+            script = "echo x > /written-inside; sleep 5; true"
+            writer = asyncio.create_task(
+                asyncio.to_thread(docker.run, "exec", cid, "/bin/sh", "-c", script)
+            )
+            await _until(lambda: os.path.exists(upper + b"/written-inside"))
+            async with asyncio.timeout(10):
+                await service.sync()
+            await writer
+        finally:
+            service.stop.set()
+            await asyncio.wait_for(task, 60)
+    events = [orjson.loads(line) for line in (tmp_path / "events.jsonl").read_bytes().splitlines()]
+    mine = [
+        e["data"]
+        for e in events
+        if e["type"] == "io.layerwatch.change" and e["data"].get("path") == "/written-inside"
+    ]
+    assert mine, "no event for the file written in the container"
+    process = mine[-1]["process"]
+    assert process["comm"] == "sh"
+    assert process["container"] == cid
+    assert cid in process["cgroup"]
+    assert process["pid"] > 0

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import doctest
 import io
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
+import watcher.live.fanotify
 import watcher.live.inotify
 from watcher import testing
 from watcher.delivery import sinks as sinks_mod
@@ -86,6 +88,14 @@ async def test_sink_example_keeps_the_contract(tmp_path: Path) -> None:
 def test_inotify_doctest() -> None:
     """The ``Inotify`` docstring example runs as shown."""
     result = doctest.testmod(watcher.live.inotify, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="fanotify marks need CAP_SYS_ADMIN")
+def test_fanotify_doctest() -> None:
+    """The ``Fanotify`` docstring example runs as shown."""
+    result = doctest.testmod(watcher.live.fanotify, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
 

@@ -21,16 +21,19 @@ from structlog.testing import capture_logs
 
 from watcher.core.rules import compute
 from watcher.delivery.events import RESYNC
+from watcher.live.source import FANOTIFY, INOTIFY
 
 pytestmark = [requires_overlay, pytest.mark.root]
 
 INOTIFY_SYSCTLS = Path("/proc/sys/fs/inotify")
+FANOTIFY_SYSCTLS = Path("/proc/sys/fs/fanotify")
 
 
 @contextlib.contextmanager
-def sysctl(name: str, value: int) -> Iterator[int]:
-    """Set ``fs.inotify.NAME`` to ``value`` for the block; yield the old value; restore it."""
-    path = INOTIFY_SYSCTLS / name
+def sysctl(name: str, value: int, top: Path = INOTIFY_SYSCTLS) -> Iterator[int]:
+    """Set ``fs.inotify.NAME`` (or under ``top``) to ``value`` for the block; yield the old
+    value; restore it."""
+    path = top / name
     old = path.read_text(encoding="ascii")
     path.write_text(str(value), encoding="ascii")
     try:
@@ -57,11 +60,14 @@ def ovl(overlay_factory: OverlayFactory, tmp_path: Path) -> Overlay:
     return overlay_factory([str(lower)])
 
 
-@pytest.fixture
-async def small_queue(ovl: Overlay) -> AsyncIterator[LiveMount]:
-    """A started tracker whose inotify instance queues at most 64 events."""
-    with sysctl("max_queued_events", 64):
-        live = LiveMount("m", ovl.upper, ovl.lowers)  # the instance takes the limit now
+@pytest.fixture(params=[INOTIFY, FANOTIFY])
+async def small_queue(ovl: Overlay, request: pytest.FixtureRequest) -> AsyncIterator[LiveMount]:
+    """A started tracker whose source (inotify instance, fanotify group) queues at most 64
+    events. (fanotify's filesystem mark also queues other processes' writes on the same
+    filesystem: the queue only fills sooner.)"""
+    top = FANOTIFY_SYSCTLS if request.param == FANOTIFY else INOTIFY_SYSCTLS
+    with sysctl("max_queued_events", 64, top):
+        live = LiveMount("m", ovl.upper, ovl.lowers, source=request.param)  # takes it now
     await live.start()
     yield live
     await live.stop()

@@ -28,6 +28,7 @@ from watcher.core.rules import Child, DirState, compute
 from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
+from watcher.live.source import FANOTIFY, INOTIFY
 
 pytestmark = [requires_overlay, pytest.mark.root]
 
@@ -40,10 +41,19 @@ def ovl(overlay_factory: OverlayFactory, lower: str) -> Overlay:
     return overlay_factory([lower])
 
 
-@pytest.fixture
-async def live(ovl: Overlay) -> AsyncIterator[LiveMount]:
-    """A started tracker on ``ovl``; stopped at the end."""
-    mount = LiveMount("m", ovl.upper, ovl.lowers)
+@pytest.fixture(params=[INOTIFY, FANOTIFY, "fanotify+attribution", "fanotify+inode"])
+async def live(ovl: Overlay, request: pytest.FixtureRequest) -> AsyncIterator[LiveMount]:
+    """A started tracker on ``ovl``, fed by each source in turn (fanotify also with
+    attribution on, and with one inode mark per directory); stopped at the end."""
+    source, _, variant = str(request.param).partition("+")
+    mount = LiveMount(
+        "m",
+        ovl.upper,
+        ovl.lowers,
+        source=source,
+        attribution=variant == "attribution",
+        marks="inode" if variant == "inode" else "filesystem",
+    )
     await mount.start()
     yield mount
     await mount.stop()
@@ -468,12 +478,15 @@ class Branch:
         return [str(c.data["reason"]) for c in self.live.controls(RESYNC)]
 
 
-@pytest.fixture
-async def branch(tmp_path: Path, lower: str) -> AsyncIterator[Branch]:
-    """A tracker on an upper dir whose overlay the test mounts (and replaces) itself."""
+@pytest.fixture(params=[INOTIFY, FANOTIFY])
+async def branch(
+    tmp_path: Path, lower: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Branch]:
+    """A tracker on an upper dir whose overlay the test mounts (and replaces) itself, fed by
+    each source in turn."""
     base = tmp_path / "branch"
     (base / "upper").mkdir(parents=True)
-    live = LiveMount("m", str(base / "upper"), [lower], rescan_interval=0.1)
+    live = LiveMount("m", str(base / "upper"), [lower], rescan_interval=0.1, source=request.param)
     await live.start()
     try:
         yield Branch(str(base), str(base / "upper"), lower, live)

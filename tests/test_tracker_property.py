@@ -40,6 +40,7 @@ from overlay import (
 )
 
 from watcher.core.excludes import Excludes
+from watcher.live.source import FANOTIFY, INOTIFY
 
 pytestmark = [requires_overlay, pytest.mark.root]
 
@@ -207,6 +208,7 @@ class TrackerMachine(RuleBasedStateMachine):
     lower_kind: ClassVar[str] = "cases"
     pool: ClassVar[tuple[bytes, ...]] = CASES_POOL
     exclude: ClassVar[Excludes | None] = None
+    source: ClassVar[str] = INOTIFY
 
     def __init__(self) -> None:
         super().__init__()
@@ -230,7 +232,7 @@ class TrackerMachine(RuleBasedStateMachine):
                 build_layer(lowers[-1], entries)
         ovl = self.stack.enter_context(mount_overlay(tmp, lowers))
         self.merged = os.fsencode(ovl.merged)
-        live = LiveMount("prop", ovl.upper, lowers, exclude=self.exclude)
+        live = LiveMount("prop", ovl.upper, lowers, exclude=self.exclude, source=self.source)
         self.loop.run_until_complete(live.start())
         self.stack.callback(lambda: self.loop.run_until_complete(live.stop()))
         self.live = live
@@ -291,6 +293,27 @@ class StackLower(TrackerMachine):
             self._do(op)
 
 
+# Each TestCase is made from a subclass of its own: settings set on a class pass to subclasses.
+class CasesLowerInotify(CasesLower):
+    """The machine over the conformance lower, the hints coming from inotify."""
+
+
+class StackLowerInotify(StackLower):
+    """The machine over a drawn stack, the hints coming from inotify."""
+
+
+class CasesLowerFanotify(CasesLower):
+    """The same machine, the hints coming from fanotify (a filesystem mark)."""
+
+    source = FANOTIFY
+
+
+class StackLowerFanotify(StackLower):
+    """The same machine, the hints coming from fanotify (a filesystem mark)."""
+
+    source = FANOTIFY
+
+
 class ExcludedStackLower(StackLower):
     """Over three drawn layers, with excludes that cut whole subtrees, one level, and names
     at any depth: the list is compute() with the same excludes, the excluded dirs unwatched."""
@@ -305,10 +328,15 @@ MACHINE = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# The subclass first: settings applied to a class are inherited, and may not be applied twice.
 TestExcludedStackLower = MACHINE(ExcludedStackLower).TestCase
 TestExcludedStackLower.__doc__ = "With excludes, the live list equals compute with the same."
-TestCasesLower = MACHINE(CasesLower).TestCase
+TestCasesLower = MACHINE(CasesLowerInotify).TestCase
 TestCasesLower.__doc__ = "Over the conformance lower, the live list equals compute and replay."
-TestStackLower = MACHINE(StackLower).TestCase
+TestStackLower = MACHINE(StackLowerInotify).TestCase
 TestStackLower.__doc__ = "Over a drawn three-layer stack, the live list equals compute and replay."
+
+
+TestCasesLowerFanotify = MACHINE(CasesLowerFanotify).TestCase
+TestCasesLowerFanotify.__doc__ = "TestCasesLower with fanotify as the event source."
+TestStackLowerFanotify = MACHINE(StackLowerFanotify).TestCase
+TestStackLowerFanotify.__doc__ = "TestStackLower with fanotify as the event source."

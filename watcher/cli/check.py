@@ -29,6 +29,8 @@ from watcher.core.errors import ConfigError, LayerwatchError
 from watcher.core.excludes import Excludes
 from watcher.core.mounts import find_mount
 from watcher.delivery.plugins import available_sinks
+from watcher.live.fanotify import Fanotify
+from watcher.live.source import FANOTIFY, INOTIFY, open_source
 from watcher.service import config as config_mod
 from watcher.service.config import Config, MountConfig
 from watcher.service.service import build_sink
@@ -123,7 +125,9 @@ def check(config_path: str | Path) -> list[Finding]:
             uppers.append((mount.name, upper, mount.exclude))
     out += _spool(cfg)
     out += _sinks(cfg)
-    out += _inotify(uppers)
+    found, chosen = _source(cfg, uppers)
+    out += found
+    out += _inotify(uppers, in_use=chosen == INOTIFY)
     return out
 
 
@@ -395,7 +399,41 @@ def _pids_of(uid: int) -> Iterator[str]:
                     yield name
 
 
-def _inotify(uppers: list[tuple[str, Path, Excludes]]) -> list[Finding]:
+def _source(cfg: Config, uppers: list[tuple[str, Path, Excludes]]) -> tuple[list[Finding], str]:
+    """Open the event source the service would (``service.source``) and try each upper on
+    it: which source, why, how each mount would be marked. Returns the source's name."""
+    try:
+        choice = open_source(cfg.source, attribution=cfg.attribution)
+    except LayerwatchError as exc:
+        fix = 'set service.source = "auto" (inotify where fanotify is refused) or run as root'
+        return [Finding("error", f"source: {exc}", fix)], FANOTIFY
+    what = f"source: {choice.name} (service.source = {cfg.source!r})"
+    if cfg.attribution:
+        what += "; attribution " + ("on" if choice.attribution else "OFF")
+    out: list[Finding] = []
+    with contextlib.closing(choice.source):
+        if choice.reason:
+            fix = "run as root (CAP_SYS_ADMIN) on Linux 5.15 or later for fanotify"
+            level: Level = "warn" if cfg.attribution or cfg.source == FANOTIFY else "ok"
+            out.append(Finding(level, f"{what}: {choice.reason}", fix))
+        else:
+            out.append(Finding("ok", what))
+        if isinstance(choice.source, Fanotify):
+            for name, upper, _ in uppers:
+                try:
+                    choice.source.add_watch(os.fsencode(upper))
+                except LayerwatchError as exc:
+                    fix = 'set service.source = "inotify" for this machine'
+                    out.append(Finding("error", f"fanotify: mount {name}: {exc}", fix))
+                    continue
+                strategy = choice.source.strategies.get(os.stat(upper).st_dev, "inode")
+                out.append(Finding("ok", f"fanotify: mount {name}: {strategy} mark(s)"))
+    return out, choice.name
+
+
+def _inotify(uppers: list[tuple[str, Path, Excludes]], *, in_use: bool = True) -> list[Finding]:
+    """The inotify limits against what the mounts need; with another source in use, what
+    would be an error only warns (it matters if the service falls back to inotify)."""
     max_watches = _read_int(_PROC_SYS / "max_user_watches")
     max_instances = _read_int(_PROC_SYS / "max_user_instances")
     max_queued = _read_int(_PROC_SYS / "max_queued_events")
@@ -431,7 +469,10 @@ def _inotify(uppers: list[tuple[str, Path, Excludes]]) -> list[Finding]:
         f"inotify: {needed} watch(es) needed, {free} of fs.inotify.max_user_watches="
         f"{max_watches} left ({used} in use by this uid)"
     )
-    if needed > free:
+    if needed > free and not in_use:
+        what += "; only if layerwatch falls back to inotify: mounts would then degrade"
+        out.append(Finding("warn", what, fix))
+    elif needed > free:
         out.append(Finding("error", what + "; mounts would degrade to periodic rescans", fix))
     elif needed > _HEADROOM * free:
         out.append(Finding("warn", what + "; little room for new directories", fix))

@@ -62,7 +62,14 @@ def _cmd_watch(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         undo = install_stop_signals(stop)
         try:
-            await watch(fs, StreamOutlet(sys.stdout.buffer), stop, name=args.name)
+            await watch(
+                fs,
+                StreamOutlet(sys.stdout.buffer),
+                stop,
+                name=args.name,
+                source=args.source,
+                attribution=args.attribution,
+            )
         finally:
             undo()
 
@@ -380,6 +387,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parsers["tail"].add_argument("--mount", metavar="NAME", help="only this mount's events")
     parsers["tail"].add_argument("--count", type=int, metavar="N", help="stop after N events")
+    parsers["watch"].add_argument(
+        "--source",
+        default="auto",
+        choices=["auto", "inotify", "fanotify"],
+        help="the kernel event source (auto: fanotify where permitted, else inotify)",
+    )
+    parsers["watch"].add_argument(
+        "--attribution",
+        action="store_true",
+        help="change events name the process that made them (data.process; needs fanotify)",
+    )
     parsers["demo"].add_argument("--pause", type=float, default=0.3, help="seconds between steps")
     for name in ("watch", "demo"):
         parsers[name].add_argument(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
@@ -94,6 +94,8 @@ class Transition:
 
     ``kind == prev_kind`` is an activity event (a write to a path already in the list).
     ``stat`` is the entry's ``lstat`` in the merged view, or None when it is gone.
+    ``process`` is the writer the event source named (attribution on: ``pid``, ``comm``,
+    ``exe``, ``uid``, ``gid``, ``cgroup``), else None; it takes no part in equality.
     ``content`` is the file's digest when the mount hashes content (``core.digest``), else
     None; it takes no part in equality.
     """
@@ -103,6 +105,7 @@ class Transition:
     prev_kind: Kind | None
     op: Op
     stat: os.stat_result | None
+    process: Mapping[str, Any] | None = field(default=None, compare=False)
     content: Content | None = field(default=None, compare=False)
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "SNAPSHOT_END",
     "EventEncoder",
     "Record",
+    "container_of",
     "file_type",
     "path_fields",
 ]
@@ -98,6 +99,18 @@ def path_fields(path: bytes) -> dict[str, str]:
 def subject(path: bytes) -> str:
     """The CloudEvents ``subject``: the path, percent-encoded, always ASCII."""
     return urllib.parse.quote_from_bytes(path, safe="/")
+
+
+def container_of(transition: Transition, labels: Mapping[str, str] | None) -> str | None:
+    """The container a transition's writer runs in: the mount's discovered container when the
+    writer's cgroup path names that container's id, else None (never a guess)."""
+    if transition.process is None or not labels:
+        return None
+    cid = labels.get("container_id")
+    cgroup = transition.process.get("cgroup")
+    if not cid or not isinstance(cgroup, str) or cid not in cgroup:
+        return None
+    return cid
 
 
 def _time(now: float) -> str:
@@ -176,6 +189,8 @@ class EventEncoder:
             data["sha256"] = content.sha256
             if content.skipped is not None:
                 data["sha256_skipped"] = content.skipped
+        if transition.process is not None:
+            data["process"] = {**transition.process, "container": container_of(transition, labels)}
         if labels:
             data["labels"] = dict(labels)
         body = self._envelope(seq, CHANGE, subject(transition.path), data, now)

@@ -404,6 +404,8 @@ class _Api:
             "entries": len(state.kinds),
             "counts": counts,
             "watches": state.watch_count,
+            "attribution": state.attribution,
+            "source": self.service.source.get("source"),
             "degraded": state.degraded,
             "errors": list(state.errors),
         }
@@ -448,9 +450,11 @@ class _Api:
     async def healthz(self, request: web.Request) -> web.Response:
         """200 ``ok``, or 503 ``degraded`` with the reasons."""
         reasons = self.service.degraded()
+        source = dict(self.service.source)
         if reasons:
-            return _json({"status": "degraded", "reasons": reasons, "head_seq": self._head}, 503)
-        return _json({"status": "ok", "reasons": [], "head_seq": self._head})
+            body = {"status": "degraded", "reasons": reasons, "head_seq": self._head}
+            return _json({**body, "source": source}, 503)
+        return _json({"status": "ok", "reasons": [], "head_seq": self._head, "source": source})
 
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus text exposition (version 0.0.4)."""
@@ -522,12 +526,18 @@ class _Api:
             text.sample("inotify_max_user_watches", limits.max_user_watches)
             text.family("inotify_max_queued_events", "gauge", "fs.inotify.max_queued_events.")
             text.sample("inotify_max_queued_events", limits.max_queued_events)
-        text.family("inotify_events_read_total", "counter", "inotify events read.")
+        text.family("inotify_events_read_total", "counter", "Events read from the source (either).")
         text.sample("inotify_events_read_total", svc.events_read)
         text.family(
-            "inotify_overflows_total", "counter", "inotify queue overflows (IN_Q_OVERFLOW)."
+            "inotify_overflows_total", "counter", "Source queue overflows (IN_ or FAN_Q_OVERFLOW)."
         )
         text.sample("inotify_overflows_total", svc.overflows)
+        text.family(
+            "fanotify_events_filtered_total",
+            "counter",
+            "fanotify events for directories no mount follows (a filesystem mark's cost).",
+        )
+        text.sample("fanotify_events_filtered_total", svc.events_filtered)
         text.family("resyncs_total", "counter", "Resyncs published, by mount and reason.")
         for (mount, reason), count in sorted(svc.resyncs.items()):
             text.sample("resyncs_total", count, mount=mount, reason=reason)

@@ -50,6 +50,10 @@ class MountView(Protocol):
         """inotify watches held for it."""
 
     @property
+    def attribution(self) -> bool:
+        """Whether its change events name their writer (``data.process``)."""
+
+    @property
     def degraded(self) -> str | None:
         """Why it is not followed by inotify alone (None: it is)."""
 
@@ -176,6 +180,11 @@ class ServiceView(Protocol):
         """True while the configured mount ``name`` has its first scan running."""
 
     @property
+    def source(self) -> Mapping[str, object]:
+        """The event source in use and why (``source``, ``requested``, ``attribution``,
+        ``reason``); empty before the service runs."""
+
+    @property
     def watches(self) -> int:
         """inotify watches held for every mount."""
 
@@ -186,6 +195,10 @@ class ServiceView(Protocol):
     @property
     def overflows(self) -> int:
         """inotify queue overflows since the start."""
+
+    @property
+    def events_filtered(self) -> int:
+        """Events fanotify's filesystem marks delivered for directories no mount follows."""
 
     def degraded(self) -> list[str]:
         """Why the service is not fully healthy (empty when it is)."""

@@ -1,8 +1,12 @@
-"""The hub: one inotify instance for every mount, its read loop, and the sync barrier.
+"""The hub: one event source for every mount, its read loop, and the sync barrier.
 
-The hub turns each drain of the inotify fd into dirty paths per tracker (coalesced by path),
-has the trackers reconcile them, and hands the resulting items to ``publish`` before it reads
-again. ``IN_Q_OVERFLOW`` makes every path dirty: each tracker resyncs. ``sync()`` writes a
+The hub turns each drain of the source (inotify or fanotify, ``watcher.live.source``) into
+dirty paths per tracker (coalesced by path), has the trackers reconcile them, and hands the
+resulting items to ``publish`` before it reads again. ``IN_Q_OVERFLOW`` (fanotify's
+``FAN_Q_OVERFLOW`` arrives as the same event) makes every path dirty: each tracker resyncs.
+For a tracker with ``attribution`` on, each transition carries the last writer the source
+named, within the drain, for its path or for the nearest ancestor directory made dirty (the
+contents of a directory created or moved in). ``sync()`` writes a
 cookie into a private directory watched by the same instance and returns once the cookie's
 event was read and everything read before it was reconciled and published.
 
@@ -28,13 +32,14 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import structlog
 
-from watcher.core.model import Item, Kind, Op, SnapshotEntries
+from watcher.core.model import Item, Kind, Op, SnapshotEntries, Transition
 from watcher.live import heap
+from watcher.live.fanotify import AttributedEvent
 from watcher.live.inotify import (
     IN_ATTRIB,
     IN_CLOSE_WRITE,
@@ -47,9 +52,10 @@ from watcher.live.inotify import (
     IN_MOVED_FROM,
     IN_MOVED_TO,
     IN_Q_OVERFLOW,
-    Inotify,
     RawEvent,
 )
+from watcher.live.process import Process
+from watcher.live.source import Source
 from watcher.live.tracker import Tracker, WatchOps
 
 __all__ = ["Hub", "Publish", "StartAbandoned"]
@@ -127,6 +133,21 @@ def _buffer(starting: _Starting, event: RawEvent) -> None:
         starting.overflow = True
 
 
+def _attribute(items: list[Item], writers: Mapping[bytes, Process]) -> list[Item]:
+    """Each transition with the writer of its path, or of its nearest dirty ancestor."""
+    out: list[Item] = []
+    for item in items:
+        if isinstance(item, Transition):
+            path = item.path
+            process = writers.get(path)
+            while process is None and (path := path.rpartition(b"/")[0]):
+                process = writers.get(path)  # not U's root: its own events only
+            if process is not None:
+                item = replace(item, process=process.as_dict())
+        out.append(item)
+    return out
+
+
 def _op(mask: int) -> Op:
     for bits, op in _OPS:
         if mask & bits:
@@ -135,17 +156,17 @@ def _op(mask: int) -> Op:
 
 
 class Hub(WatchOps):
-    """Owns the inotify instance and the trackers fed by it.
+    """Owns the event source and the trackers fed by it.
 
     Args:
-        inotify: the one instance for every mount.
+        source: the one source (inotify instance or fanotify group) for every mount.
         publish: receives each tracker's items.
         rescan_interval: seconds between polls of every mount: a degraded one (watch limit,
             failure, missing branch) is rescanned or recovered, the others' branches checked.
     """
 
-    def __init__(self, inotify: Inotify, publish: Publish, *, rescan_interval: float = 2.0) -> None:
-        self._inotify = inotify
+    def __init__(self, source: Source, publish: Publish, *, rescan_interval: float = 2.0) -> None:
+        self._source = source
         self._publish = publish
         self.rescan_interval = rescan_interval
         self._owners: dict[int, Tracker] = {}
@@ -154,7 +175,7 @@ class Hub(WatchOps):
         self._started = asyncio.Condition()
         _remove_stale_sync_dirs()
         self._sync_dir = os.fsencode(tempfile.mkdtemp(prefix=f"{_SYNC_PREFIX}{os.getpid()}-"))
-        self._sync_wd = inotify.add_watch(self._sync_dir, IN_CREATE)
+        self._sync_wd = source.add_watch(self._sync_dir, IN_CREATE)
         self._cookies: dict[bytes, asyncio.Future[None]] = {}
         self._counter = itertools.count()
         self.overflows = 0
@@ -163,7 +184,7 @@ class Hub(WatchOps):
     # WatchOps
     def add(self, tracker: Tracker, path: bytes) -> int:
         """Watch ``path`` for ``tracker``."""
-        wd = self._inotify.add_watch(path)
+        wd = self._source.add_watch(path)
         self._owners[wd] = tracker
         return wd
 
@@ -171,7 +192,7 @@ class Hub(WatchOps):
         """Stop watching ``wd``."""
         if self._owners.get(wd) is tracker:
             del self._owners[wd]
-            self._inotify.rm_watch(wd)
+            self._source.rm_watch(wd)
 
     @property
     def watch_count(self) -> int:
@@ -284,7 +305,7 @@ class Hub(WatchOps):
                 next_poll = loop.time() + self.rescan_interval
             try:
                 async with asyncio.timeout_at(next_poll):
-                    events = await self._inotify.read()
+                    events = await self._source.read()
             except TimeoutError:
                 continue
             await self.process(events)
@@ -311,9 +332,10 @@ class Hub(WatchOps):
             return []
 
     async def process(self, events: list[RawEvent]) -> None:
-        """Handle one drain of the inotify fd."""
+        """Handle one drain of the source."""
         self.events_read += len(events)
         dirty: dict[Tracker, dict[bytes, Op]] = {}
+        writers: dict[Tracker, dict[bytes, Process]] = {}
         overflow = False
         cookies: list[bytes] = []
         for event in events:
@@ -343,11 +365,13 @@ class Hub(WatchOps):
             if path is None:
                 continue
             _note(dirty.setdefault(tracker, {}), path, _op(event.mask))
+            if tracker.attribution and type(event) is AttributedEvent and event.process:
+                writers.setdefault(tracker, {})[path] = event.process
         if overflow:
             self.overflows += 1
             for starting in self._starting.values():
                 starting.overflow = True
-            logger.warning("inotify_overflow", mounts=len(self.trackers))
+            logger.warning("inotify_overflow", mounts=len(self.trackers))  # either source
             # A full queue drops events, sync cookies included: every sync() waiting now
             # began before this rescan, so the rescan covers it.
             cookies.extend(self._cookies)
@@ -358,6 +382,8 @@ class Hub(WatchOps):
             for tracker, paths in dirty.items():
                 if tracker.mount in self.trackers and not tracker.degraded_by_error:
                     items = self._guard(tracker, functools.partial(tracker.reconcile, paths))
+                    if tracker in writers:
+                        items = _attribute(items, writers[tracker])
                     await self._publish_chunked(tracker, items)  # a new branch: a snapshot
         if cookies:
             await self._poll()  # a branch replaced without an event is found at the barrier

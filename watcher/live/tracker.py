@@ -304,6 +304,8 @@ class Tracker:
         self._out: list[Item] = []
         self._quiet = False
         self.degraded: Degraded | None = None
+        self.attribution = False
+        """Whether this mount's transitions carry their writer (the hub attaches it)."""
         self.interrupt: Callable[[], None] | None = None
         """Called once per directory a scan lists; may raise to abandon the scan (a stop
         during a long start). The tracker is then unusable: close it."""

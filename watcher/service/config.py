@@ -76,6 +76,7 @@ class MountConfig:
     hash_max_size: int = DEFAULT_MAX_SIZE
     hash_budget: float = DEFAULT_BUDGET
     exclude: Excludes = field(default_factory=lambda: Excludes([]))
+    attribution: bool = False
 
     @property
     def managed(self) -> bool:
@@ -129,6 +130,7 @@ class DiscoveryConfig:
     containerd_state: Path = Path("/run/containerd")
     mountinfo: Path = Path("/proc/self/mountinfo")
     interval: float = 2.0
+    attribution: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,9 +148,16 @@ class Config:
     shutdown_timeout: float = 10.0
     rescan_interval: float = 2.0
     bookmark_interval: float = 60.0
+    source: str = "auto"
     secrets: Secrets = field(default_factory=Secrets, repr=False, compare=False)
     """What was read from the environment or files into secret-bearing keys: blank it out of
     whatever is shown (``Secrets.redact``)."""
+
+    @property
+    def attribution(self) -> bool:
+        """Whether any mount (configured or discovered) asks for attribution."""
+        found = self.discovery is not None and self.discovery.attribution
+        return found or any(mount.attribution for mount in self.mounts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +353,7 @@ def _mount(where: str, raw: object) -> MountConfig:
         hash=t.get("hash", bool, False),
         hash_max_size=t.size("hash_max_size", DEFAULT_MAX_SIZE),
         hash_budget=t.positive_duration("hash_budget", DEFAULT_BUDGET),
+        attribution=t.get("attribution", bool, False),
     )
     t.done()
     if mount.layers:
@@ -410,6 +420,7 @@ def _discovery(top: _Table) -> DiscoveryConfig:
         containerd_state=t.path("containerd_state") or default.containerd_state,
         mountinfo=t.path("mountinfo") or default.mountinfo,
         interval=t.positive_duration("interval", default.interval),
+        attribution=t.get("attribution", bool, False),
     )
     t.done()
     return found
@@ -480,9 +491,14 @@ def parse(data: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Conf
         rescan_interval=service.positive_duration("rescan_interval", 2.0),
         bookmark_interval=service.positive_duration("bookmark_interval", 60.0),
         secrets=outside.secrets,
+        source=service.get("source", str, "auto"),
     )
     if config.log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("service.log_level", "must be debug, info, warning or error")
+    if config.source not in ("auto", "inotify", "fanotify"):
+        raise ConfigError("service.source", "must be auto, inotify or fanotify")
+    if config.source == "inotify" and config.attribution:
+        raise ConfigError("service.source", 'attribution needs "fanotify" or "auto"')
     service.done()
     top.done()
     return config

@@ -36,8 +36,9 @@ from watcher.delivery.sinks import Sink
 from watcher.delivery.spool import Spool
 from watcher.live import heap
 from watcher.live.discovery import Discovered, MountEvent, MountSource
+from watcher.live.fanotify import Fanotify
 from watcher.live.hub import Hub
-from watcher.live.inotify import Inotify
+from watcher.live.source import Choice, open_source
 from watcher.live.tracker import Branch, MountpointBranch, Tracker
 from watcher.service.config import Config, DiscoveryConfig, MountConfig, SinkConfig
 from watcher.service.secrets import Secrets
@@ -136,6 +137,11 @@ class MountState:
         return self.tracker.watch_count
 
     @property
+    def attribution(self) -> bool:
+        """Whether its change events name their writer (``data.process``)."""
+        return self.tracker.attribution
+
+    @property
     def degraded(self) -> str | None:
         """Why it is not followed by inotify alone (None: it is)."""
         degraded = self.tracker.degraded
@@ -158,6 +164,7 @@ class Runtime:
     intake: Intake
     publisher: Publisher
     hub: Hub
+    source: Choice
 
 
 Component = Callable[["Service"], Awaitable[None]]
@@ -276,6 +283,14 @@ class Service:
         """inotify queue overflows since the start."""
         return self.hub.overflows
 
+    @property
+    def events_filtered(self) -> int:
+        """Events fanotify's filesystem marks delivered for directories no mount follows
+        (0 with inotify): what the filesystem marks cost."""
+        if self._runtime is None or not isinstance(self._runtime.source.source, Fanotify):
+            return 0
+        return self._runtime.source.source.events_filtered
+
     def encode(self, seq: int, mount: str, item: Transition | Control) -> Record:
         """Encode ``item`` as ``mount``'s event at ``seq`` (synthesized snapshots)."""
         return self.publisher.encode_one(seq, mount, item)
@@ -319,6 +334,12 @@ class Service:
     def is_starting(self, name: str) -> bool:
         """True while the configured mount ``name`` has its first start running."""
         return name in self._starting
+
+    @property
+    def source(self) -> Mapping[str, object]:
+        """The event source in use and why (``source``, ``requested``, ``attribution``,
+        ``reason``); empty before the service runs."""
+        return {} if self._runtime is None else self._runtime.source.status()
 
     def degraded(self) -> list[str]:
         """Why the service is not fully healthy (empty when it is)."""
@@ -374,10 +395,14 @@ class Service:
                 host=self.config.host,
                 epoch=spool.epoch,
             )
-            inotify = stack.enter_context(Inotify())
-            hub = Hub(inotify, self._publish, rescan_interval=self.config.rescan_interval)
+            source = open_source(self.config.source, attribution=self.config.attribution)
+            stack.callback(source.source.close)
+            logger.info("source_chosen", **source.status())
+            hub = Hub(source.source, self._publish, rescan_interval=self.config.rescan_interval)
             stack.callback(hub.close)
-            self._runtime = Runtime(spool=spool, intake=intake, publisher=publisher, hub=hub)
+            self._runtime = Runtime(
+                spool=spool, intake=intake, publisher=publisher, hub=hub, source=source
+            )
             prepared = [(mount, *self._prepare_mount(mount, stack)) for mount in self.config.mounts]
             for sink in self.config.sinks:
                 self.runners[sink.name] = SinkRunner(
@@ -564,6 +589,11 @@ class Service:
             moved = functools.partial(self._moved, mount.name)
             resolve = MountpointBranch(fs, branch.lower, moved)
         tracker = Tracker.of(mount.name, branch, hub, resolve=resolve, exclude=mount.exclude)
+        discovery = self.config.discovery
+        found = labels is not None and discovery is not None and discovery.attribution
+        tracker.attribution = (mount.attribution or found) and self.source.get(
+            "attribution"
+        ) is True
         persisted = spool.load_list(mount.name) if mount.name in spool.mounts() else None
         await hub.follow(tracker, persisted)
         fs = resolve.fs if resolve is not None else fs  # mounted again while starting

@@ -1,6 +1,7 @@
 """``layerwatch watch``: one mount, its snapshot then live events, as JSON lines on stdout.
 
-The smallest complete pipeline: Inotify -> Hub -> Tracker -> Publisher -> an outlet that
+The smallest complete pipeline: Source (inotify or fanotify) -> Hub -> Tracker -> Publisher ->
+an outlet that
 writes each batch and flushes. A stop request (SIGINT/SIGTERM, or ``stop`` being set)
 passes the sync barrier first, so every change made before it is printed, then a bookmark.
 """
@@ -8,6 +9,7 @@ passes the sync barrier first, so every change made before it is printed, then a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import BinaryIO
 
@@ -18,7 +20,7 @@ from watcher.core.mounts import Filesystem
 from watcher.delivery.events import Record
 from watcher.delivery.publisher import Outlet, Publisher
 from watcher.live.hub import Hub
-from watcher.live.inotify import Inotify
+from watcher.live.source import AUTO, open_source
 from watcher.live.tracker import Branch, Tracker
 
 __all__ = ["StreamOutlet", "watch"]
@@ -47,6 +49,8 @@ async def watch(
     *,
     name: str = "default",
     ready: Callable[[Hub], None] | None = None,
+    source: str = AUTO,
+    attribution: bool = False,
 ) -> Publisher:
     """Follow one mount until ``stop`` is set; returns the publisher (for its counters).
 
@@ -56,14 +60,26 @@ async def watch(
         stop: set it to stop; pending changes are published first, then a bookmark.
         name: the mount's name in events.
         ready: called with the hub once the snapshot is out (tests and the demo use it).
+        source: ``auto``, ``inotify`` or ``fanotify`` (``watcher.live.source``).
+        attribution: change events carry ``data.process`` (needs fanotify).
+
+    Raises:
+        ConfigError: ``source`` is unknown, or ``inotify`` with attribution.
+        WatchError: the source asked for cannot be opened.
     """
     publisher = Publisher(outlet)
-    with Inotify() as inotify:
-        hub = Hub(inotify, publisher.publish)
+    choice = open_source(source, attribution=attribution)
+    if choice.reason:
+        logger.warning("source_fallback", **choice.status())
+    else:
+        logger.debug("source_chosen", **choice.status())
+    with contextlib.closing(choice.source):
+        hub = Hub(choice.source, publisher.publish)
         reader = asyncio.create_task(hub.run(), name="hub")
         stopper = asyncio.create_task(stop.wait())
         try:
             tracker = Tracker.of(name, Branch.of(fs), hub)
+            tracker.attribution = choice.attribution
             start = asyncio.create_task(hub.follow(tracker), name="start")
             await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if not start.done():  # stopped during the first scan: abandon it

@@ -23,11 +23,14 @@ from watcher.core.layers import (
     is_overlay_whiteout,
 )
 from watcher.core.model import Change, Kind
+from watcher.core.native import NativeScanner, scanner_type
 
 __all__ = ["Child", "DirState", "Rules", "compute"]
 
 _CAPABILITY: Final = b"security.capability"
 _NS_PER_S: Final = 1_000_000_000
+_KINDS: Final = (Kind.ADDED, Kind.CHANGED, Kind.DELETED)
+_KIND_OF: Final[dict[str | None, Kind | None]] = {None: None, **{k.value: k for k in _KINDS}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,20 +90,40 @@ class Rules:
     The rules work one directory at a time (``scan``), so the full computation and the live
     tracker share every decision: the tracker rescans only the directories that hints name.
 
+    ``scan`` (and so ``walk``) runs in C when ``watcher.core._scan`` is built
+    (``watcher.core.native``); the Python below is the reference it is tested against.
+
     Args:
         upper: the upper (writable) directory.
         lower: the base view B.
         xattr_prefix: ``b"trusted.overlay."``, or ``b"user.overlay."`` for ``userxattr`` mounts.
+        native: True for the C scan, False for the Python one; None (default): C when built.
+
+    Raises:
+        RuntimeError: ``native=True`` but the C scan is not built.
     """
 
     def __init__(
-        self, upper: bytes | str, lower: LowerStack, *, xattr_prefix: bytes = b"trusted.overlay."
+        self,
+        upper: bytes | str,
+        lower: LowerStack,
+        *,
+        xattr_prefix: bytes = b"trusted.overlay.",
+        native: bool | None = None,
     ) -> None:
         self.upper = os.path.realpath(os.fsencode(upper)).rstrip(b"/")
         self.lower = lower
         self.aufs = lower.whiteouts is Whiteouts.AUFS
         self._opaque_xattr = xattr_prefix + b"opaque"
         self._redirect_xattr = xattr_prefix + b"redirect"
+        self.native: NativeScanner | None = None
+        """The C scanner doing ``scan``; None: the Python one does."""
+        if native is not False:
+            scanner = scanner_type()
+            if scanner is not None:
+                self.native = scanner(self.upper, lower.layers, self.aufs, xattr_prefix)
+            elif native:
+                raise RuntimeError("the C scan (watcher.core._scan) is not built")
 
     def root(self) -> DirState:
         """The state of ``/``, where every scan starts."""
@@ -117,6 +140,8 @@ class Rules:
         Raises:
             FileNotFoundError, NotADirectoryError: U no longer has the directory.
         """
+        if self.native is not None:
+            return self._scan_native(path, state)
         if state.base is None and state.origin is None:
             return self._scan_added(path)
         present: dict[bytes, tuple[os.stat_result, int]] = {}
@@ -149,6 +174,24 @@ class Rules:
                 children.append(self._classify(path, state, name, None, 0, name in whiteouts))
             else:
                 children.append(self._classify(path, state, name, *entry, False))
+        return children
+
+    def _scan_native(self, path: bytes, state: DirState) -> list[Child]:
+        """``scan`` by the C code: the same children, in order of name. A directory child's
+        base is looked up here, so it is the very ``BaseEntry`` the Python scan would give."""
+        assert self.native is not None
+        base = state.base
+        raw = self.native.scan(
+            path, base.dir_layers if base is not None else None, state.origin, state.in_upper
+        )
+        lookup = self.lower.lookup
+        children = []
+        for child_path_, kind, raw_dir, st, ino in raw:
+            dir_state = None
+            if raw_dir is not None:
+                has_base, origin, in_upper = raw_dir
+                dir_state = DirState(lookup(child_path_) if has_base else None, origin, in_upper)
+            children.append(Child(child_path_, _KIND_OF[kind], dir_state, st, ino))
         return children
 
     def _scan_added(self, path: bytes) -> list[Child]:
@@ -312,17 +355,24 @@ def compute(
     *,
     whiteouts: str = "overlay",
     xattr_prefix: bytes = b"trusted.overlay.",
+    native: bool | None = None,
 ) -> list[Change]:
     """The change list of ``upper`` over ``lowers`` (top first), sorted by path bytes.
+
+    ``native``: True for the C walk, False for the Python one, None (default): C when built.
 
     Raises:
         LayerError: a layer is missing or not a directory.
         ValueError: an unknown whiteout format.
+        RuntimeError: ``native=True`` but the C scan is not built.
     """
     if not os.path.isdir(upper):
         raise LayerError(f"upper {os.fsdecode(upper)!r} is not a directory")
     lower = LowerStack(lowers, whiteouts=Whiteouts(whiteouts), xattr_prefix=xattr_prefix)
-    rules = Rules(upper, lower, xattr_prefix=xattr_prefix)
+    rules = Rules(upper, lower, xattr_prefix=xattr_prefix, native=native)
+    if rules.native is not None:  # the whole walk in C: no Python object per entry
+        changes: list[Change] = rules.native.changes(Change, _KINDS)  # type: ignore[assignment]
+        return changes
     out: dict[bytes, Kind] = {}
     rules.walk(b"/", rules.root(), out)
     return [Change(path, out[path]) for path in sorted(out)]

@@ -1233,7 +1233,7 @@ static int parse_layers(PyObject *obj, uint64_t *dl, int nlayers) {
 /* scan(path, dir_layers, origin, in_upper) -> list of (path, kind, dir, st, ino):
  * Rules.scan for one directory. dir_layers: the base's dir_layers, None when the state has no
  * base. kind: None or "A"/"C"/"D"; dir: None or (has_base, origin, in_upper); st: an
- * os.stat_result or None. Children come sorted by name. */
+ * os.stat_result or None. Children come in no particular order (as in the Python). */
 static PyObject *Scanner_scan(Scanner *s, PyObject *args) {
     PyObject *path, *layers, *origin;
     int in_upper;

@@ -39,7 +39,7 @@ class NativeScanner(Protocol):
     def scan(
         self, path: bytes, dir_layers: tuple[int, ...] | None, origin: bytes | None, in_upper: bool
     ) -> list[RawChild]:
-        """``Rules.scan`` of one directory, children sorted by name.
+        """``Rules.scan`` of one directory (children in no particular order).
 
         Raises:
             FileNotFoundError, NotADirectoryError: U no longer has the directory.

@@ -177,7 +177,7 @@ class Rules:
         return children
 
     def _scan_native(self, path: bytes, state: DirState) -> list[Child]:
-        """``scan`` by the C code: the same children, in order of name. A directory child's
+        """``scan`` by the C code: the same children (in another order). A directory child's
         base is looked up here, so it is the very ``BaseEntry`` the Python scan would give."""
         assert self.native is not None
         base = state.base

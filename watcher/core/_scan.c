@@ -224,10 +224,30 @@ static int is_opaque(Scanner *s, const char *full, size_t flen) {
 
 /* ---- B: LowerStack._resolve and lookup ------------------------------------------------- */
 
+/* Directory descriptors of one directory of B, one per layer, opened when first needed: the
+ * names of a scanned directory are looked up relative to them (fstatat), not by full path. */
+typedef struct {
+    int fd[MAX_LAYERS]; /* -1 not opened yet, -2 not openable (full paths are used) */
+    int n;
+} LowerFds;
+
+static void fds_init(LowerFds *f, int n) {
+    f->n = n;
+    for (int i = 0; i < n; i++)
+        f->fd[i] = -1;
+}
+
+static void fds_close(LowerFds *f) {
+    for (int i = 0; i < f->n; i++)
+        if (f->fd[i] >= 0)
+            close(f->fd[i]);
+}
+
 /* LowerStack._resolve: the entry B has at path (whose last component is name), given the
- * parent's dir_layers. 0 with out->present set or not, -1 on error. */
+ * parent's dir_layers. fds: the parent's descriptors, or NULL (full paths). 0 with
+ * out->present set or not, -1 on error. */
 static int resolve(Scanner *s, const char *path, size_t plen, const char *name, size_t nlen,
-                   const uint64_t *parent_dl, Base *out) {
+                   const uint64_t *parent_dl, LowerFds *fds, Base *out) {
     memset(out, 0, sizeof(*out));
     if (nlen == 0 || (s->aufs && has_prefix(name, nlen, AUFS_WH)))
         return 0; /* no listing holds these names */
@@ -237,35 +257,64 @@ static int resolve(Scanner *s, const char *path, size_t plen, const char *name, 
     for (int i = 0; i < s->nlayers; i++) {
         if (!mask_has(parent_dl, i))
             continue;
+        int fd = -2;
+        if (fds != NULL) {
+            if (fds->fd[i] == -1) {
+                const char *dir =
+                    buf_join(&s->p1, s->layers[i], s->llen[i], path, parent_len, "", 0);
+                if (dir == NULL)
+                    return -1;
+                int opened = open(dir[0] ? dir : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                fds->fd[i] = opened >= 0 ? opened : -2;
+            }
+            fd = fds->fd[i];
+        }
         if (s->aufs) {
             /* layer + child_path(parent, ".wh." + name) */
-            const char *sep = (parent_len == 1) ? "" : "/";
-            if (buf_reserve(&s->p1, s->llen[i] + parent_len + 1 + 4 + nlen + 1) < 0)
-                return -1;
-            char *p = s->p1.p;
-            size_t at = 0;
-            memcpy(p + at, s->layers[i], s->llen[i]);
-            at += s->llen[i];
-            memcpy(p + at, path, parent_len);
-            at += parent_len;
-            memcpy(p + at, sep, strlen(sep));
-            at += strlen(sep);
-            memcpy(p + at, AUFS_WH, 4);
-            at += 4;
-            memcpy(p + at, name, nlen);
-            at += nlen;
-            p[at] = '\0';
-            if (lexists(p))
+            int whited;
+            if (fd >= 0) {
+                const char *wh = buf_join(&s->p1, AUFS_WH, 4, name, nlen, "", 0);
+                if (wh == NULL)
+                    return -1;
+                struct stat wst;
+                whited = fstatat(fd, wh, &wst, AT_SYMLINK_NOFOLLOW) == 0;
+            } else {
+                const char *sep = (parent_len == 1) ? "" : "/";
+                if (buf_reserve(&s->p1, s->llen[i] + parent_len + 1 + 4 + nlen + 1) < 0)
+                    return -1;
+                char *p = s->p1.p;
+                size_t at = 0;
+                memcpy(p + at, s->layers[i], s->llen[i]);
+                at += s->llen[i];
+                memcpy(p + at, path, parent_len);
+                at += parent_len;
+                memcpy(p + at, sep, strlen(sep));
+                at += strlen(sep);
+                memcpy(p + at, AUFS_WH, 4);
+                at += 4;
+                memcpy(p + at, name, nlen);
+                at += nlen;
+                p[at] = '\0';
+                whited = lexists(p);
+            }
+            if (whited)
                 break;
         }
-        const char *full = buf_join(&s->p1, s->layers[i], s->llen[i], path, plen, "", 0);
-        if (full == NULL)
-            return -1;
         struct stat st;
-        if (lstat(full, &st) != 0) {
+        int rc;
+        if (fd >= 0) {
+            rc = fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW);
+        } else {
+            const char *full = buf_join(&s->p1, s->layers[i], s->llen[i], path, plen, "", 0);
+            if (full == NULL)
+                return -1;
+            rc = lstat(full, &st);
+        }
+        if (rc != 0) {
             if (errno == ENOENT || errno == ENOTDIR)
                 continue;
-            return raise_errno(full);
+            const char *full = buf_join(&s->p1, s->layers[i], s->llen[i], path, plen, "", 0);
+            return full == NULL ? -1 : raise_errno(full);
         }
         if (!s->aufs && is_whiteout(&st))
             break;
@@ -283,6 +332,9 @@ static int resolve(Scanner *s, const char *path, size_t plen, const char *name, 
             out->layer = i;
         }
         mask_set(out->dl, i);
+        const char *full = buf_join(&s->p1, s->layers[i], s->llen[i], path, plen, "", 0);
+        if (full == NULL)
+            return -1;
         int opq = is_opaque(s, full, s->p1.len);
         if (opq < 0)
             return -1;
@@ -334,7 +386,7 @@ static int lookup(Scanner *s, const char *path, size_t plen, Base *out) {
             return 0;
         }
         Base parent = *out;
-        if (resolve(s, path, end, name, nlen, parent.dl, out) < 0)
+        if (resolve(s, path, end, name, nlen, parent.dl, NULL, out) < 0)
             return -1;
         if (!slash)
             return 0;
@@ -654,7 +706,7 @@ static int same(const char *a, size_t an, const char *b, size_t bn) {
 
 /* Rules._classify for one name: appends one child. ``ust`` NULL when U has no entry. */
 static int classify(Scanner *s, const char *parent, size_t parlen, const DState *state,
-                    const Base *origin_base, const char *name, size_t nlen,
+                    LowerFds *fds, const Base *origin_base, const char *name, size_t nlen,
                     const struct stat *ust, unsigned long long ino, int whiteout, Children *out) {
     Child *ch = children_add(out);
     if (ch == NULL)
@@ -665,7 +717,7 @@ static int classify(Scanner *s, const char *parent, size_t parlen, const DState 
     const char *path = ch->path;
     size_t plen = ch->plen;
     Base base = {0};
-    if (state->has_base && resolve(s, path, plen, name, nlen, state->dl, &base) < 0)
+    if (state->has_base && resolve(s, path, plen, name, nlen, state->dl, fds, &base) < 0)
         return -1;
     const struct stat *merged = ust;
     Base origin_entry = {0};
@@ -687,7 +739,7 @@ static int classify(Scanner *s, const char *parent, size_t parlen, const DState 
         if (opath == NULL)
             return -1;
         if (origin_base->present && S_ISDIR(origin_base->st.st_mode) &&
-            resolve(s, opath, oplen, name, nlen, origin_base->dl, &origin_entry) < 0)
+            resolve(s, opath, oplen, name, nlen, origin_base->dl, NULL, &origin_entry) < 0)
             goto done;
         if (origin_entry.present) {
             merged = &origin_entry.st;
@@ -886,6 +938,8 @@ static int scan(Scanner *s, const char *path, size_t plen, const DState *state, 
         return scan_added(s, path, plen, out);
     Names ns = {0};
     int rc = -1;
+    LowerFds fds;
+    fds_init(&fds, s->nlayers);
     if (state->in_upper) {
         const char *full = buf_join(&s->p1, s->upper, s->ulen, path, plen, "", 0);
         if (full == NULL)
@@ -952,13 +1006,14 @@ static int scan(Scanner *s, const char *path, size_t plen, const DState *state, 
     names_unique(&ns);
     for (size_t i = 0; i < ns.n; i++) {
         Name *e = &ns.v[i];
-        if (classify(s, path, plen, state, &origin_base, e->name, e->nlen,
+        if (classify(s, path, plen, state, &fds, &origin_base, e->name, e->nlen,
                      e->what == 0 ? &e->st : NULL, e->what == 0 ? e->ino : 0, e->what == 1,
                      out) < 0)
             goto done;
     }
     rc = 0;
 done:
+    fds_close(&fds);
     names_free(&ns);
     return rc;
 }
@@ -1156,32 +1211,28 @@ static PyObject *Scanner_changes(Scanner *s, PyObject *args) {
     Entries es = {0};
     int changed = 0;
     PyObject *list = NULL;
-    if (walk(s, "/", 1, &state, &es, &changed) < 0)
-        goto done;
-    qsort(es.v, es.n, sizeof(Entry), cmp_entry);
-    list = PyList_New((Py_ssize_t)es.n);
-    if (list == NULL)
-        goto done;
-    for (size_t i = 0; i < es.n; i++) {
-        PyObject *path = PyBytes_FromStringAndSize(es.v[i].path, (Py_ssize_t)es.v[i].plen);
-        if (path == NULL) {
-            Py_CLEAR(list);
-            goto done;
+    if (walk(s, "/", 1, &state, &es, &changed) == 0) {
+        qsort(es.v, es.n, sizeof(Entry), cmp_entry);
+        int gc_was_on = PyGC_Disable(); /* 2 objects per entry, no cycle: nothing to collect */
+        list = PyList_New((Py_ssize_t)es.n);
+        for (size_t i = 0; list != NULL && i < es.n; i++) {
+            PyObject *path = PyBytes_FromStringAndSize(es.v[i].path, (Py_ssize_t)es.v[i].plen);
+            PyObject *item = path != NULL ? ctype->tp_alloc(ctype, 2) : NULL;
+            if (item == NULL) {
+                Py_XDECREF(path);
+                Py_CLEAR(list);
+                break;
+            }
+            int k = es.v[i].kind;
+            PyObject *kind = PyTuple_GET_ITEM(kinds, k == 'A' ? 0 : k == 'C' ? 1 : 2);
+            Py_INCREF(kind);
+            PyTuple_SET_ITEM(item, 0, path);
+            PyTuple_SET_ITEM(item, 1, kind);
+            PyList_SET_ITEM(list, (Py_ssize_t)i, item);
         }
-        PyObject *item = ctype->tp_alloc(ctype, 2);
-        if (item == NULL) {
-            Py_DECREF(path);
-            Py_CLEAR(list);
-            goto done;
-        }
-        int k = es.v[i].kind;
-        PyObject *kind = PyTuple_GET_ITEM(kinds, k == 'A' ? 0 : k == 'C' ? 1 : 2);
-        Py_INCREF(kind);
-        PyTuple_SET_ITEM(item, 0, path);
-        PyTuple_SET_ITEM(item, 1, kind);
-        PyList_SET_ITEM(list, (Py_ssize_t)i, item);
+        if (gc_was_on)
+            PyGC_Enable();
     }
-done:
     for (size_t i = 0; i < es.n; i++)
         free(es.v[i].path);
     free(es.v);

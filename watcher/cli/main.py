@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -17,7 +18,7 @@ from watcher.cli.check import add_check_command
 from watcher.cli.demo import run_demo
 from watcher.core.errors import LayerwatchError
 from watcher.core.layers import Whiteouts
-from watcher.core.model import Change
+from watcher.core.model import Change, Kind
 from watcher.core.mounts import Driver, Filesystem
 from watcher.delivery.events import path_fields
 from watcher.service import config
@@ -36,13 +37,23 @@ def escape_path(path: bytes) -> str:
     return text.translate(_CONTROL)
 
 
+_NEEDS_ESCAPE = re.compile(rb"[\x00-\x1f\x7f-\xff\\]")
+"""A byte ``escape_path`` would change: a path without one is printed as it is."""
+
+
+def _line(kind: Kind, path: bytes) -> bytes:
+    if _NEEDS_ESCAPE.search(path) is None:
+        return b"%s %s\n" % (kind.value.encode(), path)
+    return f"{kind} {escape_path(path)}\n".encode()
+
+
 def _write_changes(changes: Sequence[Change], as_json: bool) -> None:
     out = sys.stdout.buffer
     if as_json:
         rows = [{"kind": str(c.kind), **path_fields(c.path)} for c in changes]
         out.write(orjson.dumps(rows) + b"\n")
     else:
-        out.write("".join(f"{c.kind} {escape_path(c.path)}\n" for c in changes).encode())
+        out.write(b"".join([_line(kind, path) for path, kind in changes]))
     out.flush()
 
 

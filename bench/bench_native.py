@@ -213,9 +213,7 @@ def main() -> int:
     with private_dockerd(args.dir) as docker:
         t0 = time.perf_counter()
         docker.run("import", "-", IMAGE, stdin=image_tar())
-        cid = docker.run(
-            "run", "-d", "--network=none", IMAGE, "/bin/sleep", "3600"
-        ).strip()
+        cid = docker.run("run", "-d", "--network=none", IMAGE, "/bin/sleep", "3600").strip()
         data = json.loads(docker.run("inspect", cid))[0]["GraphDriver"]["Data"]
         merged, upper = Path(data["MergedDir"]), data["UpperDir"]
         lowers = data["LowerDir"].split(":")
@@ -261,7 +259,8 @@ def main() -> int:
         f"median of {args.repeat}, dockerd data root on {args.dir or '/tmp'}, "
         f"kernel {os.uname().release}"
     )
-    print(f"layerwatch diff prints docker diff's lines: {agree}; C list == Python list: {agree_c_py}")
+    print(f"layerwatch diff prints docker diff's lines: {agree}")
+    print(f"compute's list, C == Python: {agree_c_py}")
     print()
     print(f"{'row':<40}{'median s':>10}{'vs docker diff':>16}")
     for name, t in rows:

@@ -9,8 +9,9 @@ bookkeeping), redirects with odd values, capabilities and near-equal metadata. T
 - ``compute``: the whole list, C walk against Python walk;
 - ``Rules.scan`` of every directory the walk reaches: the same children (kind, directory state,
   ``lstat`` but its access time, inode);
-- the live tracker: two trackers, one on each implementation, give the same items on a restart from a drawn persisted list (the rescan), on a new
-  subtree made under U (the scan of a created directory) and on a resync.
+- the live tracker: two trackers, one on each implementation, give the same items on a
+  restart from a drawn persisted list (the rescan), on a new subtree made under U (the scan
+  of a created directory) and on a resync.
 
 Skipped when the extension is not built (the Python path is then the only one).
 """
@@ -165,7 +166,8 @@ def _check_format(upper: str, lowers: list[str], whiteouts: str) -> None:
     assert all(type(change.kind) is Kind for change in got)
     lower = LowerStack(lowers, whiteouts=Whiteouts(whiteouts))
     py, c = Rules(upper, lower, native=False), Rules(upper, lower, native=True)
-    assert c.native is not None and py.native is None
+    assert c.native is not None
+    assert py.native is None
     assert _compare_scans(py, c) >= 1
 
 
@@ -192,9 +194,7 @@ def _to_aufs(upper: str, lowers: list[str], *, root_metadata: bool = True) -> bo
     return True
 
 
-PROPERTY = settings(
-    deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow]
-)
+PROPERTY = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY
@@ -217,8 +217,8 @@ def test_bad_arguments_are_refused() -> None:
         scanner(b"/tmp", (b"/tmp",) * 513, False, b"trusted.overlay.")
     with tempfile.TemporaryDirectory() as tmp:
         rules = Rules(tmp, LowerStack([tmp]), native=True)
+        assert rules.native is not None
         with pytest.raises(ValueError, match="out of range"):
-            assert rules.native is not None
             rules.native.scan(b"/", (5,), b"/", True)
         with pytest.raises(FileNotFoundError):
             rules.scan(b"/missing", DirState(None, b"/missing", True))

@@ -11,6 +11,8 @@ changes. Then, in one run, median of ``--repeat``:
   the output), with the C scan and with ``LAYERWATCH_PURE_PYTHON=1``;
 - ``python -c "import watcher.cli"``: what the command costs before it does anything;
 - ``compute(UPPER, LOWERS)`` in this process, C and Python (the computation itself);
+- the live tracker on the same branch, C and Python: its start (watch and scan every
+  directory) and a resync (the rescan of everything an overflow causes), with real inotify;
 - ``find UPPER > /dev/null``: the floor for walking the upper at all.
 
 The two answers (``docker diff`` and ``layerwatch diff``) must be the same set of lines.
@@ -40,8 +42,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from watcher.core.layers import LowerStack  # noqa: E402
+from watcher.core.model import Item  # noqa: E402
 from watcher.core.native import ENV_PURE_PYTHON, status  # noqa: E402
-from watcher.core.rules import compute  # noqa: E402
+from watcher.core.rules import Rules, compute  # noqa: E402
+from watcher.live.hub import Hub  # noqa: E402
+from watcher.live.inotify import Inotify  # noqa: E402
+from watcher.live.tracker import Tracker  # noqa: E402
 
 IMAGE = "layerwatch-bench:anchor"
 DIRS, FILES = 1000, 100
@@ -181,6 +188,30 @@ def container_workload(merged: Path) -> None:
             os.close(os.open(directory / f"n{f:03d}", os.O_CREAT | os.O_WRONLY, 0o644))
 
 
+async def _unused(mount: str, items: list[Item]) -> None:
+    raise AssertionError("the bench calls the tracker itself")
+
+
+def tracker_times(upper: str, lowers: list[str], native: bool, repeat: int) -> tuple[float, float]:
+    """Median seconds of a tracker's start and of its resync, on the C or the Python scan."""
+    starts, resyncs = [], []
+    for _ in range(repeat):
+        with Inotify() as inotify:
+            hub = Hub(inotify, _unused)
+            lower = LowerStack(lowers)
+            tracker = Tracker("bench", os.fsencode(upper), lower, hub)
+            tracker.rules = Rules(upper, lower, native=native)
+            t0 = time.perf_counter()
+            tracker.start()
+            starts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            tracker.resync("bench")
+            resyncs.append(time.perf_counter() - t0)
+            tracker.close()
+            hub.close()
+    return statistics.median(starts), statistics.median(resyncs)
+
+
 def layerwatch_argv() -> list[str]:
     """The console script beside this interpreter (not a shim), else ``python -m``."""
     script = Path(sys.executable).parent / "layerwatch"
@@ -252,6 +283,9 @@ def main() -> int:
             ),
             ("find UPPER > /dev/null", median_time(lambda: run(["find", upper]), args.repeat)),
         ]
+        for native_scan, label in ((True, "C"), (False, "Python")):
+            start, resync = tracker_times(upper, lowers, native_scan, args.repeat)
+            rows += [(f"tracker start, {label}", start), (f"tracker resync, {label}", resync)]
 
     times = dict(rows)
     print(
@@ -272,6 +306,9 @@ def main() -> int:
     print(f"docker diff / layerwatch diff (Python) = {d / times[rows[2][0]]:.2f}")
     print(f"compute C / find                       = {times[rows[4][0]] / find:.2f}  (goal <= 4)")
     print(f"compute Python / compute C             = {times[rows[5][0]] / times[rows[4][0]]:.2f}")
+    for what in ("start", "resync"):
+        py, c = times[f"tracker {what}, Python"], times[f"tracker {what}, C"]
+        print(f"tracker {what}: Python / C = {py / c:.2f}")
     return 0 if agree and agree_c_py else 1
 
 

@@ -1281,14 +1281,15 @@ static int parse_layers(PyObject *obj, uint64_t *dl, int nlayers) {
     return 0;
 }
 
-/* scan(path, dir_layers, origin, in_upper) -> list of (path, kind, dir, st, ino):
+/* scan(path, dir_layers, origin, in_upper, stats) -> list of (path, kind, dir, st, ino):
  * Rules.scan for one directory. dir_layers: the base's dir_layers, None when the state has no
  * base. kind: None or "A"/"C"/"D"; dir: None or (has_base, origin, in_upper); st: an
- * os.stat_result or None. Children come in no particular order (as in the Python). */
+ * os.stat_result or None (always None when stats is false: making them is most of the cost).
+ * Children come in no particular order (as in the Python). */
 static PyObject *Scanner_scan(Scanner *s, PyObject *args) {
     PyObject *path, *layers, *origin;
-    int in_upper;
-    if (!PyArg_ParseTuple(args, "SOOp", &path, &layers, &origin, &in_upper))
+    int in_upper, stats = 1;
+    if (!PyArg_ParseTuple(args, "SOOp|p", &path, &layers, &origin, &in_upper, &stats))
         return NULL;
     if (!ready(s))
         return NULL;
@@ -1330,7 +1331,7 @@ static PyObject *Scanner_scan(Scanner *s, PyObject *args) {
             dir = Py_BuildValue("(Ny#N)", PyBool_FromLong(c->dir.has_base), c->dir.origin,
                                 (Py_ssize_t)c->dir.olen, PyBool_FromLong(c->dir.in_upper));
         }
-        if (c->has_st) {
+        if (c->has_st && stats) {
             Py_DECREF(st);
             st = stat_tuple(&c->st);
         }
@@ -1359,7 +1360,7 @@ static PyMethodDef Scanner_methods[] = {
     {"changes", (PyCFunction)Scanner_changes, METH_VARARGS,
      "changes(change_type, kinds) -> the sorted change list (Rules.walk from /)."},
     {"scan", (PyCFunction)Scanner_scan, METH_VARARGS,
-     "scan(path, dir_layers, origin, in_upper) -> children of one directory (Rules.scan)."},
+     "scan(path, dir_layers, origin, in_upper, stats=True) -> children of one directory."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -37,9 +37,15 @@ class NativeScanner(Protocol):
         ...
 
     def scan(
-        self, path: bytes, dir_layers: tuple[int, ...] | None, origin: bytes | None, in_upper: bool
+        self,
+        path: bytes,
+        dir_layers: tuple[int, ...] | None,
+        origin: bytes | None,
+        in_upper: bool,
+        stats: bool = True,
     ) -> list[RawChild]:
-        """``Rules.scan`` of one directory (children in no particular order).
+        """``Rules.scan`` of one directory (children in no particular order; their ``lstat``
+        None unless ``stats``).
 
         Raises:
             FileNotFoundError, NotADirectoryError: U no longer has the directory.

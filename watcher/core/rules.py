@@ -130,8 +130,12 @@ class Rules:
         base = self.lower.lookup(b"/")
         return DirState(base, b"/" if base is not None else None, True)
 
-    def scan(self, path: bytes, state: DirState) -> list[Child]:
+    def scan(self, path: bytes, state: DirState, *, stats: bool = True) -> list[Child]:
         """Classify every name of the merged directory ``path`` and every name it lost.
+
+        ``stats=False``: the caller has no use for the children's ``lstat``; the C scan then
+        leaves ``Child.st`` None (making them is most of its cost), the Python one fills it in
+        anyway (it has them).
 
         A name that U lists but that is gone by the time it is read (a file removed while
         the directory is listed) is taken as absent: the directory is listed as it is, and the
@@ -141,7 +145,7 @@ class Rules:
             FileNotFoundError, NotADirectoryError: U no longer has the directory.
         """
         if self.native is not None:
-            return self._scan_native(path, state)
+            return self._scan_native(path, state, stats)
         if state.base is None and state.origin is None:
             return self._scan_added(path)
         present: dict[bytes, tuple[os.stat_result, int]] = {}
@@ -176,14 +180,13 @@ class Rules:
                 children.append(self._classify(path, state, name, *entry, False))
         return children
 
-    def _scan_native(self, path: bytes, state: DirState) -> list[Child]:
+    def _scan_native(self, path: bytes, state: DirState, stats: bool) -> list[Child]:
         """``scan`` by the C code: the same children (in another order). A directory child's
         base is looked up here, so it is the very ``BaseEntry`` the Python scan would give."""
         assert self.native is not None
         base = state.base
-        raw = self.native.scan(
-            path, base.dir_layers if base is not None else None, state.origin, state.in_upper
-        )
+        dir_layers = base.dir_layers if base is not None else None
+        raw = self.native.scan(path, dir_layers, state.origin, state.in_upper, stats)
         lookup = self.lower.lookup
         children = []
         for child_path_, kind, raw_dir, st, ino in raw:

@@ -199,7 +199,7 @@ static int get_xattr(const char *path, const char *name, char *buf, ssize_t *len
     return raise_errno(path);
 }
 
-/* lexists: 1, 0, or -1 on an error other than a missing path. */
+/* os.path.lexists: 1 when lstat succeeds, else 0 (any error is "not there"). */
 static int lexists(const char *path) {
     struct stat st;
     if (lstat(path, &st) == 0)
@@ -207,7 +207,7 @@ static int lexists(const char *path) {
     return 0; /* os.path.lexists: any OSError is False */
 }
 
-/* Scanner._opaque (rules.py) and LowerStack._opaque (layers.py) on a full path. */
+/* Rules._opaque (rules.py) and LowerStack._opaque (layers.py), on a full path. */
 static int is_opaque(Scanner *s, const char *full, size_t flen) {
     if (s->aufs) {
         const char *p = buf_join(&s->p2, full, flen, "/", 1, AUFS_OPQ, strlen(AUFS_OPQ));
@@ -721,7 +721,7 @@ static int classify(Scanner *s, const char *parent, size_t parlen, const DState 
         return -1;
     const struct stat *merged = ust;
     Base origin_entry = {0};
-    /* source: where the merged entry's xattrs live (p_src, owned here) */
+    /* src: where the merged entry's xattrs live (malloc'd here) */
     char *src = NULL;
     size_t srclen = 0;
     char *opath = NULL; /* child_path(state->origin, name) */

@@ -1048,6 +1048,8 @@ static int entries_add(Entries *es, char *path, size_t plen, int kind) {
 
 static int walk(Scanner *s, const char *path, size_t plen, const DState *state, Entries *out,
                 int *changed) {
+    if (PyErr_CheckSignals() < 0)
+        return -1; /* Ctrl-C during a long walk: KeyboardInterrupt now, not at its end */
     Children ch = {0};
     if (scan(s, path, plen, state, &ch) < 0) {
         children_free(&ch);

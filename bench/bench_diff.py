@@ -5,7 +5,8 @@ about N entries (new files and dirs, modified and chmod-ed lower files, deletion
 whiteouts, directories emptied and recreated opaque), then times, in one run, median of
 ``--repeat``:
 
-- ``compute``: ``watcher.core.rules.compute(upper, [lower])`` (reads U and B only);
+- ``compute``: ``watcher.core.rules.compute(upper, [lower])`` (reads U and B only), with the
+  C scan when it is built, and ``compute, pure Python`` (``native=False``) beside it;
 - ``two-tree``: the oracle's comparison of the merged view against the base view (how
   ``docker diff`` works on overlay2: walk both whole trees);
 - ``find``: ``find UPPER > /dev/null``, the floor for walking the upper at all;
@@ -37,6 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from watcher.core.native import status  # noqa: E402
 from watcher.core.rules import compute  # noqa: E402
 
 # The oracle and the overlay kit live with the tests (they are test code, not the product).
@@ -181,6 +183,9 @@ def main() -> int:
             agree = [(c.path, c.kind.value) for c in got] == want
 
             t_compute = median_time(lambda: compute(ovl.upper, [str(lower)]), args.repeat)
+            t_python = median_time(
+                lambda: compute(ovl.upper, [str(lower)], native=False), args.repeat
+            )
             t_two = median_time(lambda: oracle.changes_dirs(ovl.merged, str(lower)), args.repeat)
             t_find = median_time(
                 lambda: subprocess.run(["find", ovl.upper], stdout=subprocess.DEVNULL, check=True),
@@ -207,11 +212,13 @@ def main() -> int:
         f"setup {setup:.1f} s, median of {args.repeat}, kernel {os.uname().release}"
     )
     print(f"compute agrees with the two-tree oracle: overlay {agree}, aufs {aufs_agree}")
+    print(f"compute runs in {status()[1]}")
     print()
     print(f"{'walk':<28}{'median s':>10}{'vs compute':>12}")
     rows = [
         ("compute (overlay, mounted)", t_compute),
         ("compute (aufs format)", t_aufs),
+        ("compute, pure Python", t_python),
         ("two-tree (merged vs base)", t_two),
         ("python scandir+lstat of U", t_pywalk),
         ("find UPPER > /dev/null", t_find),

@@ -16,6 +16,7 @@ from watcher.cli import check as check_mod
 from watcher.cli.check import Finding, check, exit_status, format_findings
 from watcher.cli.main import build_parser
 from watcher.core.mounts import find_mount
+from watcher.core.native import ENV_PURE_PYTHON, scanner_type
 from watcher.live.inotify import Inotify
 
 pytestmark = requires_overlay
@@ -83,6 +84,21 @@ def test_good_config_has_no_errors(setup: Setup) -> None:
     assert "privileges: CAP_SYS_ADMIN" in text
     assert "sinks.out: jsonl sink builds" in text
     assert all(f.fix == "" for f in findings if f.level == "ok")
+
+
+def test_says_which_scan_computes_change_lists(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C scan when it is built (ok); pure Python when switched off, with the fix (warn)."""
+    found = [f for f in check(setup.write()) if f.what.startswith("change lists:")]
+    if scanner_type() is not None:
+        assert found == [Finding("ok", found[0].what)]
+        assert "computed in C (" in found[0].what
+    monkeypatch.setenv(ENV_PURE_PYTHON, "1")
+    found = [f for f in check(setup.write()) if f.what.startswith("change lists:")]
+    assert [f.level for f in found] == ["warn"], found
+    assert "pure Python" in found[0].what
+    assert ENV_PURE_PYTHON in found[0].fix
 
 
 def test_counts_the_directories_to_watch(setup: Setup) -> None:

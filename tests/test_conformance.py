@@ -3,7 +3,8 @@
 Every case builds the shared lower tree, mounts overlayfs with an empty upper, runs the case's
 shell ``ops`` in the merged root, and checks three answers against Docker's observed one:
 ``compute`` on the overlay-format upper, ``compute`` after converting upper and lower to aufs
-format, and the two-tree oracle (which proves the oracle itself).
+format, and the two-tree oracle (which proves the oracle itself). ``compute`` runs twice, in
+pure Python (the reference) and in C (``watcher.core._scan``, skipped when not built).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from overlay import (
 )
 
 from watcher.core.model import Change
+from watcher.core.native import scanner_type
 from watcher.core.rules import compute
 
 CASES = load_cases()
@@ -42,7 +44,18 @@ def case(request: pytest.FixtureRequest) -> dict[str, Any]:
     return value
 
 
-def test_case_matches_docker(case: dict[str, Any], lower: str, tmp_path: Path) -> None:
+@pytest.fixture(params=[False, True], ids=["python", "native"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """Which implementation of the rules ``compute`` runs: the Python reference or the C."""
+    if request.param and scanner_type() is None:
+        pytest.skip("the C scan (watcher.core._scan) is not built")
+    value: bool = request.param
+    return value
+
+
+def test_case_matches_docker(
+    case: dict[str, Any], lower: str, tmp_path: Path, native: bool
+) -> None:
     """compute(), on overlay and aufs whiteouts, and the oracle all print Docker's answer."""
     expect = set(case["expect"])
     with mount_overlay(str(tmp_path), [lower]) as ovl:
@@ -51,11 +64,12 @@ def test_case_matches_docker(case: dict[str, Any], lower: str, tmp_path: Path) -
             oracle_answer = lines(changes_dirs(ovl.merged, base))
     assert oracle_answer == expect, "oracle disagrees with docker diff"
 
-    assert _lines(compute(ovl.upper, [lower])) == expect, "overlay whiteouts"
+    assert _lines(compute(ovl.upper, [lower], native=native)) == expect, "overlay whiteouts"
 
     to_aufs(ovl.upper, root_metadata=True)
     to_aufs(lower)
-    assert _lines(compute(ovl.upper, [lower], whiteouts="aufs")) == expect, "aufs whiteouts"
+    got = compute(ovl.upper, [lower], whiteouts="aufs", native=native)
+    assert _lines(got) == expect, "aufs whiteouts"
 
 
 def test_every_case_is_collected() -> None:
@@ -63,9 +77,11 @@ def test_every_case_is_collected() -> None:
     assert CASES["cases"], f"no conformance cases loaded (looked for {CASES_FILE})"
 
 
-def test_case_matches_docker_userxattr(case: dict[str, Any], lower: str, tmp_path: Path) -> None:
+def test_case_matches_docker_userxattr(
+    case: dict[str, Any], lower: str, tmp_path: Path, native: bool
+) -> None:
     """With the ``userxattr`` mount option, opaque dirs read from ``user.overlay.*``."""
     with mount_overlay(str(tmp_path), [lower], options="userxattr,metacopy=off,index=off") as ovl:
         run_ops(ovl.merged, case["ops"])
-        got = compute(ovl.upper, [lower], xattr_prefix=b"user.overlay.")
+        got = compute(ovl.upper, [lower], xattr_prefix=b"user.overlay.", native=native)
     assert _lines(got) == set(case["expect"])

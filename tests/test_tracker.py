@@ -24,6 +24,7 @@ from live import LiveMount, as_list, replay
 from overlay import Overlay, mount_overlay, requires_overlay, run_ops
 
 from watcher.core.model import Control, Item, Kind, Op, Transition
+from watcher.core.native import ENV_PURE_PYTHON
 from watcher.core.rules import Child, DirState, compute
 from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.live.hub import Hub
@@ -217,8 +218,8 @@ async def test_restart_misses_no_write_made_right_after_a_directory_is_listed(
     rules = second.tracker.rules
     listed = rules.scan
 
-    def scan_then_write(directory: bytes, state: DirState) -> list[Child]:
-        children = listed(directory, state)
+    def scan_then_write(directory: bytes, state: DirState, *, stats: bool = True) -> list[Child]:
+        children = listed(directory, state, stats=stats)
         if directory == b"/busy/deep":
             with open(os.path.join(ovl.merged, "busy/deep/raced"), "w") as f:
                 f.write("made between the listing and the end of the scan")
@@ -271,7 +272,11 @@ def test_a_file_removed_while_its_directory_is_listed_is_absent_not_fatal(
     ovl: Overlay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """compute() lists a directory whose file vanishes between the listing and its lstat:
-    the file is absent and every other entry is there (the scan does not give up)."""
+    the file is absent and every other entry is there (the scan does not give up).
+
+    The Python scan: ``os.scandir`` is what the test intercepts. The C scan skips such a name
+    the same way (ENOENT from its ``fstatat``); no test can race it from here."""
+    monkeypatch.setenv(ENV_PURE_PYTHON, "1")
     run_ops(ovl.merged, "echo 1 > data/keep; echo 2 > data/victim")  # data/ is in B
     vanishing = _VanishingScandir(os.scandir, b"victim")
     monkeypatch.setattr(os, "scandir", vanishing)
@@ -287,7 +292,8 @@ async def test_restart_keeps_a_directory_whose_file_vanished_during_the_scan(
 ) -> None:
     """A restart's rescan meets a file removed while its directory is listed: the other
     entries of that directory stay in the list (found by the soak: a whole directory's
-    entries went missing for good)."""
+    entries went missing for good). The Python scan, as in the test above."""
+    monkeypatch.setenv(ENV_PURE_PYTHON, "1")
     first = LiveMount("m", ovl.upper, ovl.lowers)
     await first.start()
     run_ops(ovl.merged, "echo 1 > data/keep; echo 2 > data/victim")  # data/ is in B

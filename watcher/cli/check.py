@@ -1,11 +1,12 @@
 """``layerwatch check CONFIG``: is this config runnable here, and what to fix if not.
 
 ``check`` never raises and never changes anything: it parses the config, then looks at the
-kernel (overlay, aufs), the privileges managed mounts need, every layer directory, the spool
-directory (by creating and removing a probe file), every sink (installed, and its options
-build), and the inotify budgets (directories to watch against what ``max_user_watches`` has
-left, with the sysctl to raise it and what that costs). Each finding says what was looked at
-and, when it is not ``ok``, how to fix it.
+kernel (overlay, aufs), whether the C scan is built (``watcher.core.native``), the privileges
+managed mounts need, every layer directory, the spool directory (by creating and removing a
+probe file), every sink (installed, and its options build), and the inotify budgets
+(directories to watch against what ``max_user_watches`` has left, with the sysctl to raise it
+and what that costs). Each finding says what was looked at and, when it is not ``ok``, how to
+fix it.
 
 This module also publishes the JSON Schemas of event ``data`` (``schema_for``).
 """
@@ -28,6 +29,8 @@ from watcher.cli import logconfig as log
 from watcher.core.errors import ConfigError, LayerwatchError
 from watcher.core.excludes import Excludes
 from watcher.core.mounts import find_mount
+from watcher.core.native import ENV_PURE_PYTHON
+from watcher.core.native import status as scan_status
 from watcher.delivery.plugins import available_sinks
 from watcher.live.fanotify import Fanotify
 from watcher.live.source import FANOTIFY, INOTIFY, open_source
@@ -116,6 +119,7 @@ def check(config_path: str | Path) -> list[Finding]:
         )
     ]
     out += _kernel(cfg)
+    out.append(_scan())
     out += _privileges(cfg)
     uppers: list[tuple[str, Path, Excludes]] = []
     for i, mount in enumerate(cfg.mounts):
@@ -157,6 +161,22 @@ def _kernel(cfg: Config) -> list[Finding]:
                 )
             )
     return out
+
+
+def _scan() -> Finding:
+    """Which implementation computes change lists (diff, start snapshots, rescans)."""
+    native, which = scan_status()
+    what = f"change lists: computed in {which}"
+    if native:
+        return Finding("ok", what)
+    if os.environ.get(ENV_PURE_PYTHON, "") not in ("", "0"):
+        return Finding("warn", what, f"unset {ENV_PURE_PYTHON} to use the C scan")
+    return Finding(
+        "warn",
+        what + "; the C scan is about 3x faster",
+        "install a C compiler and the Python headers (Debian: build-essential python3-dev),\n"
+        "then install layerwatch again: pip builds the C scan when it can",
+    )
 
 
 def _effective_caps() -> int:

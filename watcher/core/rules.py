@@ -24,11 +24,14 @@ from watcher.core.layers import (
     is_overlay_whiteout,
 )
 from watcher.core.model import Change, Kind
+from watcher.core.native import NativeScanner, scanner_type
 
 __all__ = ["Child", "DirState", "Rules", "compute"]
 
 _CAPABILITY: Final = b"security.capability"
 _NS_PER_S: Final = 1_000_000_000
+_KINDS: Final = (Kind.ADDED, Kind.CHANGED, Kind.DELETED)
+_KIND_OF: Final[dict[str | None, Kind | None]] = {None: None, **{k.value: k for k in _KINDS}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +91,19 @@ class Rules:
     The rules work one directory at a time (``scan``), so the full computation and the live
     tracker share every decision: the tracker rescans only the directories that hints name.
 
+    ``scan`` (and so ``walk``) runs in C when ``watcher.core._scan`` is built
+    (``watcher.core.native``); the Python below is the reference it is tested against.
+
     Args:
         upper: the upper (writable) directory.
         lower: the base view B.
         xattr_prefix: ``b"trusted.overlay."``, or ``b"user.overlay."`` for ``userxattr`` mounts.
         exclude: paths left out: a scan never names them (nor descends into them), ``child``
             takes them as absent, so they count for rule 8 neither (``docs/rules.md``).
+        native: True for the C scan, False for the Python one; None (default): C when built.
+
+    Raises:
+        RuntimeError: ``native=True`` but the C scan is not built.
     """
 
     def __init__(
@@ -103,6 +113,7 @@ class Rules:
         *,
         xattr_prefix: bytes = b"trusted.overlay.",
         exclude: Excludes | None = None,
+        native: bool | None = None,
     ) -> None:
         self.exclude = exclude or None  # no pattern: no filter at all
         self.upper = os.path.realpath(os.fsencode(upper)).rstrip(b"/")
@@ -110,15 +121,27 @@ class Rules:
         self.aufs = lower.whiteouts is Whiteouts.AUFS
         self._opaque_xattr = xattr_prefix + b"opaque"
         self._redirect_xattr = xattr_prefix + b"redirect"
+        self.native: NativeScanner | None = None
+        """The C scanner doing ``scan``; None: the Python one does."""
+        if native is not False:
+            scanner = scanner_type()
+            if scanner is not None:
+                self.native = scanner(self.upper, lower.layers, self.aufs, xattr_prefix)
+            elif native:
+                raise RuntimeError("the C scan (watcher.core._scan) is not built")
 
     def root(self) -> DirState:
         """The state of ``/``, where every scan starts."""
         base = self.lower.lookup(b"/")
         return DirState(base, b"/" if base is not None else None, True)
 
-    def scan(self, path: bytes, state: DirState) -> list[Child]:
+    def scan(self, path: bytes, state: DirState, *, stats: bool = True) -> list[Child]:
         """Classify every name of the merged directory ``path`` and every name it lost
         (excluded names left out).
+
+        ``stats=False``: the caller has no use for the children's ``lstat``; the C scan then
+        leaves ``Child.st`` None (making them is most of its cost), the Python one fills it in
+        anyway (it has them).
 
         A name that U lists but that is gone by the time it is read (a file removed while
         the directory is listed) is taken as absent: the directory is listed as it is, and the
@@ -127,13 +150,15 @@ class Rules:
         Raises:
             FileNotFoundError, NotADirectoryError: U no longer has the directory.
         """
-        children = self._scan(path, state)
+        children = self._scan(path, state, stats)
         if self.exclude is not None:
             excluded = self.exclude
             children = [child for child in children if not excluded(child.path)]
         return children
 
-    def _scan(self, path: bytes, state: DirState) -> list[Child]:
+    def _scan(self, path: bytes, state: DirState, stats: bool) -> list[Child]:
+        if self.native is not None:
+            return self._scan_native(path, state, stats)
         if state.base is None and state.origin is None:
             return self._scan_added(path)
         present: dict[bytes, tuple[os.stat_result, int]] = {}
@@ -166,6 +191,23 @@ class Rules:
                 children.append(self._classify(path, state, name, None, 0, name in whiteouts))
             else:
                 children.append(self._classify(path, state, name, *entry, False))
+        return children
+
+    def _scan_native(self, path: bytes, state: DirState, stats: bool) -> list[Child]:
+        """``scan`` by the C code: the same children (in another order). A directory child's
+        base is looked up here, so it is the very ``BaseEntry`` the Python scan would give."""
+        assert self.native is not None
+        base = state.base
+        dir_layers = base.dir_layers if base is not None else None
+        raw = self.native.scan(path, dir_layers, state.origin, state.in_upper, stats)
+        lookup = self.lower.lookup
+        children = []
+        for child_path_, kind, raw_dir, st, ino in raw:
+            dir_state = None
+            if raw_dir is not None:
+                has_base, origin, in_upper = raw_dir
+                dir_state = DirState(lookup(child_path_) if has_base else None, origin, in_upper)
+            children.append(Child(child_path_, _KIND_OF[kind], dir_state, st, ino))
         return children
 
     def _scan_added(self, path: bytes) -> list[Child]:
@@ -333,18 +375,25 @@ def compute(
     whiteouts: str = "overlay",
     xattr_prefix: bytes = b"trusted.overlay.",
     exclude: Excludes | None = None,
+    native: bool | None = None,
 ) -> list[Change]:
     """The change list of ``upper`` over ``lowers`` (top first), sorted by path bytes;
     ``exclude`` leaves paths out (and out of rule 8).
 
+    ``native``: True for the C walk, False for the Python one, None (default): C when built.
+
     Raises:
         LayerError: a layer is missing or not a directory.
         ValueError: an unknown whiteout format.
+        RuntimeError: ``native=True`` but the C scan is not built.
     """
     if not os.path.isdir(upper):
         raise LayerError(f"upper {os.fsdecode(upper)!r} is not a directory")
     lower = LowerStack(lowers, whiteouts=Whiteouts(whiteouts), xattr_prefix=xattr_prefix)
-    rules = Rules(upper, lower, xattr_prefix=xattr_prefix, exclude=exclude)
+    rules = Rules(upper, lower, xattr_prefix=xattr_prefix, native=native, exclude=exclude)
+    if rules.native is not None and rules.exclude is None:  # the whole walk in C
+        changes: list[Change] = rules.native.changes(Change, _KINDS)  # type: ignore[assignment]
+        return changes
     out: dict[bytes, Kind] = {}
     rules.walk(b"/", rules.root(), out)
     return [Change(path, out[path]) for path in sorted(out)]

@@ -609,7 +609,8 @@ class Tracker:
             if dstate.in_upper:
                 self._watch(directory, info)
             try:
-                children = self.rules.scan(directory, dstate)
+                # Quiet (the start's snapshot): nothing is emitted, no lstat is needed.
+                children = self.rules.scan(directory, dstate, stats=not self._quiet)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone already: the parent's hint will drop it
             deleted = _deleted_op(op, dstate, directory)
@@ -729,7 +730,7 @@ class Tracker:
             if dstate.in_upper and (info.wd is None or self._wd_path.get(info.wd) != directory):
                 self._watch(directory, info)  # watch, then list: nothing made between is lost
             try:
-                children = self.rules.scan(directory, dstate)
+                children = self.rules.scan(directory, dstate, stats=False)  # kinds only
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for child in children:

@@ -95,6 +95,7 @@ IMAGE_INPUTS = (
     "deploy/Containerfile",
     ".dockerignore",
     "pyproject.toml",
+    "setup.py",
     "README.md",
     "deploy/layerwatch.toml",
     "watcher",
@@ -472,7 +473,7 @@ def _tree_digest(paths: Sequence[str]) -> str:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for path in files:
             inner = path.relative_to(REPO).parts
-            if any(p in _IGNORED_PARTS or p.endswith((".egg-info", ".pyc")) for p in inner):
+            if any(p in _IGNORED_PARTS or p.endswith((".egg-info", ".pyc", ".so")) for p in inner):
                 continue
             parts += [str(path.relative_to(REPO)).encode(), path.read_bytes()]
     return _digest(*parts)

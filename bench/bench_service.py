@@ -131,8 +131,10 @@ def _diff(exe: str, *args: str) -> list[object]:
     return rows
 
 
-def run_service(rig: Rig, exe: str, ops: int, rate: int) -> Result:
-    """One measured run of ``exe``."""
+def run_service(rig: Rig, build: str, ops: int, rate: int) -> Result:
+    """One measured run of ``build``: ``EXE`` or ``EXE@SOURCE`` (``[service] source``)."""
+    exe, _, source = build.partition("@")
+    service = f'[service]\nsource = "{source}"\n' if source else ""
     run, merged = rig.overlay()
     sock, out = run / "api.sock", run / "events.jsonl"
     config = run / "layerwatch.toml"
@@ -140,7 +142,7 @@ def run_service(rig: Rig, exe: str, ops: int, rate: int) -> Result:
         f'[[mounts]]\nname = "m"\nmountpoint = "{merged}"\n'
         f'[sinks.out]\ntype = "jsonl"\npath = "{out}"\nbatch_size = 1000\n'
         f'[spool]\npath = "{run / "spool.db"}"\nmax_bytes = "2GiB"\n'
-        f'[api]\nsocket = "{sock}"\n'
+        f'[api]\nsocket = "{sock}"\n{service}'
     )
     with (run / "stderr").open("wb") as err:
         proc = subprocess.Popen([exe, "run", str(config)], stdout=subprocess.DEVNULL, stderr=err)
@@ -196,7 +198,12 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=300_000)
     parser.add_argument("--rate", type=int, action="append", help="ops/s (0: flat out)")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--layerwatch", action="append", help="executables to compare")
+    parser.add_argument(
+        "--layerwatch",
+        action="append",
+        metavar="EXE[@SOURCE]",
+        help="builds to compare; @inotify or @fanotify sets [service] source",
+    )
     args = parser.parse_args()
     exes = args.layerwatch or ["layerwatch"]
     rates = args.rate or [50_000, 0]

@@ -15,7 +15,9 @@ flat out). Measured:
   first operation until then;
 - **exact**: the service's list after the barrier equals ``layerwatch diff MERGED`` (a full
   recomputation);
-- **peak RSS** of the service (VmHWM).
+- **peak RSS** of the service (VmHWM);
+- **overflow resyncs**: how often the kernel queue overflowed and the mount was rescanned
+  (counted in the service's log, per run): the service's ceiling shows there first.
 
 Baselines in the same run: the generator alone on the same tmpfs overlay with no service
 (its ceiling), and each executable against the others. Medians of ``--runs``.
@@ -45,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Result:
+    overflows: int
     generated: float
     to_spool: float
     to_sink: float
@@ -126,9 +129,15 @@ def _peak_mib(pid: int) -> float:
 
 
 def _diff(exe: str, *args: str) -> list[object]:
-    out = subprocess.run([exe, "diff", "--json", *args], capture_output=True, check=True).stdout
-    rows: list[object] = json.loads(out)
-    return rows
+    """``diff --json``; through ``--server``, asked again while the barrier times out (the
+    API gives a sync 10 s; a service behind by more answers 504)."""
+    while True:
+        proc = subprocess.run([exe, "diff", "--json", *args], capture_output=True, check=False)
+        if proc.returncode == 0:
+            rows: list[object] = json.loads(proc.stdout)
+            return rows
+        if b"504" not in proc.stderr:
+            raise SystemExit(proc.stderr.decode(errors="replace"))
 
 
 def run_service(rig: Rig, build: str, ops: int, rate: int) -> Result:
@@ -168,7 +177,9 @@ def run_service(rig: Rig, build: str, ops: int, rate: int) -> Result:
         events = sum(1 for _ in out.open("rb"))
         exact = listed == _diff(exe, str(merged))
         peak = _peak_mib(proc.pid)
+        overflows = (run / "stderr").read_text().count("inotify_overflow")  # either source
         return Result(
+            overflows=overflows,
             generated=generated,
             to_spool=to_spool,
             to_sink=caught_up - last_op,
@@ -211,16 +222,17 @@ def main() -> None:
     try:
         print(
             "| build | target ops/s | generated ops/s | to the spool after the last op (s) "
-            "| to the sink (s) | events/s to the sink | exact | peak RSS (MiB) |"
+            "| to the sink (s) | events/s to the sink | exact | peak RSS (MiB) "
+            "| overflow resyncs per run |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for rate in rates:
             alone = []
             for _ in range(args.runs):
                 _run, merged = rig.overlay()
                 alone.append(rig.generate(merged, args.ops, rate)[0])
             target = f"{rate:,}" if rate else "flat out"
-            print(f"| (no service) | {target} | {statistics.median(alone):,.0f} | | | | | |")
+            print(f"| (no service) | {target} | {statistics.median(alone):,.0f} | | | | | | |")
             for exe in exes:
                 results = [run_service(rig, exe, args.ops, rate) for _ in range(args.runs)]
 
@@ -233,7 +245,8 @@ def main() -> None:
                     f"| {med([r.to_sink for r in results]):.2f} "
                     f"| {med([r.events_per_s for r in results]):,.0f} "
                     f"| {'yes' if all(r.exact for r in results) else 'NO'} "
-                    f"| {med([r.peak_mib for r in results]):.0f} |",
+                    f"| {med([r.peak_mib for r in results]):.0f} "
+                    f"| {', '.join(str(r.overflows) for r in results)} |",
                     flush=True,
                 )
     finally:

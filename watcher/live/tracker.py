@@ -280,7 +280,7 @@ class Tracker:
         self.mount = mount
         self.upper = os.path.realpath(upper).rstrip(b"/")
         self.exclude = exclude
-        self.rules = Rules(upper, lower, xattr_prefix=xattr_prefix, exclude=exclude)
+        self.rules = self._live_rules(upper, lower, xattr_prefix)
         self.xattr_prefix = xattr_prefix
         configured = upper
         self._resolve = resolve or (lambda: Branch(configured, lower, xattr_prefix))
@@ -311,6 +311,10 @@ class Tracker:
         during a long start). The tracker is then unusable: close it."""
         self._logger = logger.bind(mount=mount)
 
+    def _live_rules(self, upper: bytes, lower: LowerStack, xattr_prefix: bytes) -> Rules:
+        """The rules hints are reconciled with: the Python scan (``start`` says why)."""
+        return Rules(upper, lower, xattr_prefix=xattr_prefix, exclude=self.exclude, native=False)
+
     # -- queries ---------------------------------------------------------------------------
 
     def changes(self) -> list[Change]:
@@ -334,17 +338,29 @@ class Tracker:
         """
         st = os.lstat(self.upper)
         self._root = (st.st_dev, st.st_ino)
-        if persisted is not None:
-            self.kinds = dict(persisted)
-            self._announce("restart")
-            self._rescan()
-            reason = "restart"
-        else:
-            self._quiet = True  # the snapshot below says it all: no transitions, no lstat
-            try:
-                self._scan_tree(b"/", self.rules.root(), st.st_ino, Op.SNAPSHOT)
-            finally:
-                self._quiet = False
+        live = self.rules
+        # The whole first scan (no hint is reconciled meanwhile) on the C scan when built: 2.7x
+        # faster at 101k entries. Live work stays on the Python one: the C scan holds the GIL
+        # for a whole directory (the spool's thread waits meanwhile) and looks every new name
+        # up in the lower layers where Python answers from the cached lower listing (52 ms
+        # against 47 ms for a 10k-entry directory over a lower one), so it gains nothing there.
+        self.rules = Rules(
+            live.upper, live.lower, xattr_prefix=self.xattr_prefix, exclude=self.exclude
+        )
+        try:
+            if persisted is not None:
+                self.kinds = dict(persisted)
+                self._announce("restart")
+                self._rescan()
+                reason = "restart"
+            else:
+                self._quiet = True  # the snapshot below says it all: no transitions, no lstat
+                try:
+                    self._scan_tree(b"/", self.rules.root(), st.st_ino, Op.SNAPSHOT)
+                finally:
+                    self._quiet = False
+        finally:
+            self.rules = live
         self._snapshot(reason)
         return self.take()
 
@@ -465,9 +481,7 @@ class Tracker:
         old = self.upper
         self._leave()
         self.upper, self.xattr_prefix = upper, branch.xattr_prefix
-        self.rules = Rules(
-            upper, branch.lower, xattr_prefix=branch.xattr_prefix, exclude=self.exclude
-        )
+        self.rules = self._live_rules(upper, branch.lower, branch.xattr_prefix)
         self._root, self._gone = root, None
         missing = self.degraded is not None and self.degraded.reason == BRANCH_MISSING
         self.degraded = None  # whatever it was, the branch is scanned from scratch below

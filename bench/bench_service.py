@@ -74,7 +74,12 @@ class Rig:
         self.runs = 0
 
     def overlay(self) -> tuple[Path, Path]:
-        """A new run dir and its mounted merged view."""
+        """A new run dir and its mounted merged view (the previous run's is removed: a few
+        runs' spools and outputs would fill the tmpfs)."""
+        if self.runs:
+            previous = self.base / f"run{self.runs}"
+            subprocess.run(["umount", "-l", str(previous / "merged")], check=False)
+            shutil.rmtree(previous, ignore_errors=True)
         self.runs += 1
         run = self.base / f"run{self.runs}"
         lower, upper, work, merged = (run / n for n in ("lower", "upper", "work", "merged"))

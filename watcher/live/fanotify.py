@@ -33,10 +33,10 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from watcher.core.errors import WatchError, WatchLimitError
+from watcher.live.descriptor import Descriptor
 from watcher.live.inotify import (
     DIR_MASK,
     IN_ATTRIB,
@@ -310,7 +310,7 @@ class _Watch:
     mask: int
 
 
-class Fanotify:
+class Fanotify(Descriptor):
     """One fanotify group (the service uses exactly one for all mounts).
 
     The descriptor is non-blocking and close-on-exec. One task reads it with :meth:`read`;
@@ -341,6 +341,8 @@ class Fanotify:
         [(b'f', 'python...')]
     """
 
+    what = "fanotify group"
+
     def __init__(self, *, attribution: bool = False, marks: str = FILESYSTEM) -> None:
         if marks not in (FILESYSTEM, INODE):
             raise ValueError(f"fanotify marks must be {FILESYSTEM!r} or {INODE!r}, not {marks!r}")
@@ -351,7 +353,7 @@ class Fanotify:
         if fd < 0:
             exc = _os_error()
             raise WatchError(f"cannot create a fanotify group: {_errname(exc)} ({exc.strerror})")
-        self._fd: int | None = fd
+        super().__init__(fd)
         self.attribution = attribution
         self.marks = marks
         self._read_size = _PIDFD_READ_SIZE if attribution else _READ_SIZE
@@ -363,23 +365,8 @@ class Fanotify:
         """Device number to fsid: one ``statfs`` per filesystem, not per directory."""
         self._next_wd = 1
         self._reading = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._waiter_loop: asyncio.AbstractEventLoop | None = None
         self.events_filtered = 0
         """Events read for directories nobody follows (a filesystem mark's cost)."""
-
-    def fileno(self) -> int:
-        """The fanotify file descriptor.
-
-        Raises:
-            WatchError: The group is closed.
-        """
-        return self._require_fd()
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._fd is None
 
     @property
     def strategies(self) -> dict[int, str]:
@@ -561,63 +548,10 @@ class Fanotify:
             self._reading = False
         return events
 
-    def close(self) -> None:
-        """Close the group (idempotent); the kernel drops every mark of it.
-
-        A task waiting in :meth:`read` is woken with :class:`WatchError`.
-        """
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        waiter, loop = self._waiter, self._waiter_loop
-        if waiter is not None and loop is not None:
-            loop.remove_reader(fd)
-            if not waiter.done():
-                waiter.set_exception(WatchError("fanotify group closed while reading"))
+    def _on_close(self) -> None:
         self._filesystems.clear()
         self._wds.clear()
         self._watches.clear()
-        os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _require_fd(self) -> int:
-        if self._fd is None:
-            raise WatchError("fanotify group is closed")
-        return self._fd
-
-    async def _readable(self) -> None:
-        fd = self._require_fd()
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, _wake, waiter)
-        self._waiter, self._waiter_loop = waiter, loop
-        try:
-            await waiter
-        finally:
-            self._waiter = self._waiter_loop = None
-            if self._fd is not None:
-                loop.remove_reader(fd)
 
     def _drain(self) -> tuple[list[RawEvent], bool]:
         """Read and parse what is queued now; also whether anything at all was read."""
@@ -728,8 +662,3 @@ def _mount_root(path: bytes, device: int) -> bytes:
             break
         path = parent
     return path
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)

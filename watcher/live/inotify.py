@@ -24,12 +24,12 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Final, Self
+from typing import Final
 
 from aionotify import Flags
 
 from watcher.core.errors import WatchError, WatchLimitError
+from watcher.live.descriptor import Descriptor
 
 __all__ = [
     "DIR_MASK",
@@ -184,7 +184,7 @@ def _os_error(path: bytes | None = None) -> OSError:
     return OSError(code, os.strerror(code), path)
 
 
-class Inotify:
+class Inotify(Descriptor):
     """One inotify instance (the service uses exactly one for all mounts).
 
     The descriptor is non-blocking and close-on-exec. One task reads it with :meth:`read`;
@@ -202,6 +202,8 @@ class Inotify:
         [b'f', b'f']
     """
 
+    what = "inotify instance"
+
     def __init__(self) -> None:
         """Create the kernel instance.
 
@@ -213,23 +215,8 @@ class Inotify:
         if fd < 0:
             exc = _os_error()
             raise WatchError(_init_message(exc)) from exc
-        self._fd: int | None = fd
+        super().__init__(fd)
         self._reading = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._waiter_loop: asyncio.AbstractEventLoop | None = None
-
-    def fileno(self) -> int:
-        """The inotify file descriptor.
-
-        Raises:
-            WatchError: The instance is closed.
-        """
-        return self._require_fd()
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._fd is None
 
     def add_watch(self, path: bytes, mask: int = DIR_MASK) -> int:
         """Watch ``path`` for the events in ``mask``.
@@ -304,62 +291,6 @@ class Inotify:
             self._reading = False
         return events
 
-    def close(self) -> None:
-        """Close the descriptor (idempotent); the kernel drops every watch of the instance.
-
-        A task waiting in :meth:`read` is woken with :class:`WatchError`.
-        """
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        waiter, loop = self._waiter, self._waiter_loop
-        if waiter is not None and loop is not None:
-            loop.remove_reader(fd)
-            if not waiter.done():
-                waiter.set_exception(WatchError("inotify instance closed while reading"))
-        os.close(fd)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _require_fd(self) -> int:
-        if self._fd is None:
-            raise WatchError("inotify instance is closed")
-        return self._fd
-
-    async def _readable(self) -> None:
-        """Wait until the descriptor is readable (or the instance is closed)."""
-        fd = self._require_fd()
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, _wake, waiter)
-        self._waiter, self._waiter_loop = waiter, loop
-        try:
-            await waiter
-        finally:
-            self._waiter = self._waiter_loop = None
-            if self._fd is not None:
-                loop.remove_reader(fd)
-
     def _drain(self) -> list[RawEvent]:
         """Read and parse whatever is queued now, without blocking."""
         fd = self._require_fd()
@@ -373,11 +304,6 @@ class Inotify:
                 raise WatchError(f"cannot read inotify events: {exc.strerror}") from exc
             _parse(data, events)
         return events
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 # Building a frozen dataclass through ``__init__`` costs a guarded ``object.__setattr__`` per

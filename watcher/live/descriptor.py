@@ -1,16 +1,17 @@
 """A kernel event descriptor waited on from asyncio: what the inotify and fanotify adapters
-share (opening and reading stay theirs)."""
+share (opening and reading stay theirs), and how both tell of a failed syscall."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 from types import TracebackType
 from typing import ClassVar, Self
 
 from watcher.core.errors import WatchError
 
-__all__ = ["Descriptor"]
+__all__ = ["Descriptor", "os_error", "show"]
 
 
 class Descriptor:
@@ -105,3 +106,17 @@ class Descriptor:
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def show(path: bytes) -> str:
+    """A path for messages: invalid UTF-8 as ``\\xNN``, control characters escaped."""
+    text = path.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def os_error(path: bytes | None = None) -> OSError:
+    """The ``OSError`` of the last ctypes call made with ``use_errno=True``."""
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code), path)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Final
 
 from watcher.core.errors import WatchError, WatchLimitError
-from watcher.live.descriptor import Descriptor
+from watcher.live.descriptor import Descriptor, os_error, show
 from watcher.live.inotify import (
     DIR_MASK,
     IN_ATTRIB,
@@ -236,18 +236,6 @@ _handle_flags = _AT_HANDLE_FID
 that cannot decode handles), else 0 (the same bytes on every filesystem that can)."""
 
 
-def _show(path: bytes) -> str:
-    text = path.decode("utf-8", "backslashreplace")
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-
-
-def _os_error(path: bytes | None = None) -> OSError:
-    code = ctypes.get_errno()
-    return OSError(code, os.strerror(code), path)
-
-
 def _errname(exc: OSError) -> str:
     return errno.errorcode.get(exc.errno or 0, str(exc.errno))
 
@@ -260,7 +248,7 @@ def _fsid(path: bytes) -> bytes:
     """
     st = _Statfs()
     if _libc.statfs(path, ctypes.byref(st)) != 0:
-        raise _os_error(path)
+        raise os_error(path)
     return bytes(st.f_fsid)
 
 
@@ -278,7 +266,7 @@ def _handle(path: bytes, fsid: bytes) -> bytes:
         rc = _libc.name_to_handle_at(_AT_FDCWD, path, buf, ctypes.byref(mount_id), _handle_flags)
         if rc == 0:
             break
-        exc = _os_error(path)
+        exc = os_error(path)
         if exc.errno == errno.EINVAL and _handle_flags:
             _handle_flags = 0  # a kernel before 6.5
             continue
@@ -351,7 +339,7 @@ class Fanotify(Descriptor):
             flags |= _FAN_REPORT_PIDFD
         fd = _libc.init(flags, os.O_RDONLY | os.O_CLOEXEC)
         if fd < 0:
-            exc = _os_error()
+            exc = os_error()
             raise WatchError(f"cannot create a fanotify group: {_errname(exc)} ({exc.strerror})")
         super().__init__(fd)
         self.attribution = attribution
@@ -393,7 +381,7 @@ class Fanotify(Descriptor):
         """
         fd = self._require_fd()
         if b"\0" in path:
-            raise WatchError(f"cannot watch {_show(path)}: path contains a NUL byte")
+            raise WatchError(f"cannot watch {show(path)}: path contains a NUL byte")
         try:
             st = os.lstat(path)
             fsid = self._fsids.get(st.st_dev)
@@ -403,15 +391,15 @@ class Fanotify(Descriptor):
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise WatchLimitError(
-                    f"cannot watch {_show(path)}: its filesystem has no file handles "
+                    f"cannot watch {show(path)}: its filesystem has no file handles "
                     f"({_errname(exc)}), so fanotify cannot report it; use source = "
                     '"inotify" for it'
                 ) from exc
             raise WatchError(
-                f"cannot watch {_show(path)}: {_errname(exc)} ({exc.strerror})"
+                f"cannot watch {show(path)}: {_errname(exc)} ({exc.strerror})"
             ) from exc
         if not stat.S_ISDIR(st.st_mode):
-            raise WatchError(f"cannot watch {_show(path)}: ENOTDIR (not a directory)")
+            raise WatchError(f"cannot watch {show(path)}: ENOTDIR (not a directory)")
         wd = self._wds.get(key)
         if wd is not None:
             self._watches[wd].path = path
@@ -500,14 +488,14 @@ class Fanotify(Descriptor):
     def _mark(self, fd: int, flags: int, mask: int, path: bytes) -> None:
         if _libc.mark(fd, flags, mask, _AT_FDCWD, path) == 0:
             return
-        exc = _os_error(path)
+        exc = os_error(path)
         if exc.errno == errno.ENOSPC:
             try:
                 limit = str(read_limits().max_user_marks)
             except WatchError:
                 limit = "unknown"
             raise WatchLimitError(
-                f"cannot watch {_show(path)}: ENOSPC: the fanotify mark limit is reached "
+                f"cannot watch {show(path)}: ENOSPC: the fanotify mark limit is reached "
                 f"(fs.fanotify.max_user_marks = {limit}); raise it with "
                 "`sysctl fs.fanotify.max_user_marks=N`"
             ) from exc
@@ -515,10 +503,10 @@ class Fanotify(Descriptor):
             _FAN_MARK_FILESYSTEM
         ):
             raise WatchLimitError(
-                f"cannot watch {_show(path)}: {_errname(exc)}: fanotify cannot report this "
+                f"cannot watch {show(path)}: {_errname(exc)}: fanotify cannot report this "
                 'filesystem by directory handle; use source = "inotify" for it'
             ) from exc
-        raise WatchError(f"cannot watch {_show(path)}: {_errname(exc)} ({exc.strerror})") from exc
+        raise WatchError(f"cannot watch {show(path)}: {_errname(exc)} ({exc.strerror})") from exc
 
     async def read(self) -> list[RawEvent]:
         """Wait for events, then return every event of a followed directory queued now.

@@ -29,7 +29,7 @@ from typing import Final
 from aionotify import Flags
 
 from watcher.core.errors import WatchError, WatchLimitError
-from watcher.live.descriptor import Descriptor
+from watcher.live.descriptor import Descriptor, os_error, show
 
 __all__ = [
     "DIR_MASK",
@@ -171,19 +171,6 @@ class _LibC:
 _libc: Final = _LibC()
 
 
-def _show(path: bytes) -> str:
-    """A path for messages: invalid UTF-8 as ``\\xNN``, control characters escaped."""
-    text = path.decode("utf-8", "backslashreplace")
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-
-
-def _os_error(path: bytes | None = None) -> OSError:
-    code = ctypes.get_errno()
-    return OSError(code, os.strerror(code), path)
-
-
 class Inotify(Descriptor):
     """One inotify instance (the service uses exactly one for all mounts).
 
@@ -213,7 +200,7 @@ class Inotify(Descriptor):
         """
         fd = _libc.init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
-            exc = _os_error()
+            exc = os_error()
             raise WatchError(_init_message(exc)) from exc
         super().__init__(fd)
         self._reading = False
@@ -237,15 +224,15 @@ class Inotify(Descriptor):
         """
         fd = self._require_fd()
         if b"\0" in path:
-            raise WatchError(f"cannot watch {_show(path)}: path contains a NUL byte")
+            raise WatchError(f"cannot watch {show(path)}: path contains a NUL byte")
         wd: int = _libc.add_watch(fd, path, mask)
         if wd >= 0:
             return wd
-        exc = _os_error(path)
+        exc = os_error(path)
         if exc.errno == errno.ENOSPC:
             raise WatchLimitError(_limit_message(path)) from exc
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-        raise WatchError(f"cannot watch {_show(path)}: {name} ({exc.strerror})") from exc
+        raise WatchError(f"cannot watch {show(path)}: {name} ({exc.strerror})") from exc
 
     def rm_watch(self, wd: int) -> None:
         """Stop watching ``wd``; a wd the kernel already removed is ignored (EINVAL).
@@ -258,7 +245,7 @@ class Inotify(Descriptor):
         fd = self._require_fd()
         if _libc.rm_watch(fd, wd) == 0:
             return
-        exc = _os_error()
+        exc = os_error()
         if exc.errno == errno.EINVAL:
             return
         raise WatchError(f"cannot remove watch {wd}: {exc.strerror}") from exc
@@ -358,7 +345,7 @@ def _limit_message(path: bytes) -> str:
     except WatchError:
         limit = "unknown"
     return (
-        f"cannot watch {_show(path)}: ENOSPC: the inotify watch limit is reached "
+        f"cannot watch {show(path)}: ENOSPC: the inotify watch limit is reached "
         f"(fs.inotify.max_user_watches = {limit}, shared by every process of uid {os.getuid()}); "
         "raise it with `sysctl fs.inotify.max_user_watches=N` "
         f"(each watch costs {_WATCH_COST}, counted only while in use)"

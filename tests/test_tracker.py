@@ -25,7 +25,7 @@ from overlay import Overlay, mount_overlay, requires_overlay, run_ops
 
 from watcher.core.model import Control, Item, Kind, Op, Transition
 from watcher.core.native import ENV_PURE_PYTHON
-from watcher.core.rules import Child, DirState, compute
+from watcher.core.rules import Child, DirState, Rules, compute
 from watcher.delivery.events import RESYNC, SNAPSHOT_BEGIN, SNAPSHOT_END
 from watcher.live.hub import Hub
 from watcher.live.inotify import Inotify
@@ -203,10 +203,11 @@ async def test_restart_reports_what_changed_while_stopped(ovl: Overlay) -> None:
 
 
 async def test_restart_misses_no_write_made_right_after_a_directory_is_listed(
-    ovl: Overlay,
+    ovl: Overlay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A restart's rescan watches each directory before it lists it: a file made in a
-    directory just after its listing (a writer racing the scan) reaches the list."""
+    directory just after its listing (a writer racing the scan) reaches the list. (``scan``
+    is wrapped on the class: the first scan makes rules of its own, ``Tracker.start``.)"""
     first = LiveMount("m", ovl.upper, ovl.lowers)
     await first.start()
     run_ops(ovl.merged, "mkdir -p busy/deep; echo 1 > busy/deep/old")
@@ -215,18 +216,20 @@ async def test_restart_misses_no_write_made_right_after_a_directory_is_listed(
     await first.stop()
 
     second = LiveMount("m", ovl.upper, ovl.lowers)
-    rules = second.tracker.rules
-    listed = rules.scan
+    listed = Rules.scan
 
-    def scan_then_write(directory: bytes, state: DirState, *, stats: bool = True) -> list[Child]:
-        children = listed(directory, state, stats=stats)
+    def scan_then_write(
+        rules: Rules, directory: bytes, state: DirState, *, stats: bool = True
+    ) -> list[Child]:
+        children = listed(rules, directory, state, stats=stats)
         if directory == b"/busy/deep":
             with open(os.path.join(ovl.merged, "busy/deep/raced"), "w") as f:
                 f.write("made between the listing and the end of the scan")
         return children
 
-    rules.scan = scan_then_write  # type: ignore[method-assign,assignment]
+    monkeypatch.setattr(Rules, "scan", scan_then_write)
     await second.start(persisted)
+    monkeypatch.undo()
     try:
         await second.sync()
         assert (b"/busy/deep/raced", Kind.ADDED) in second.tracker.changes()

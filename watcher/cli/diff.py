@@ -85,7 +85,7 @@ def _write(
         rows: list[dict[str, str | None]] = [
             {"kind": str(c.kind), **path_fields(c.path)} for c in changes
         ]
-        if args.hash:
+        if args.hash or args.content:
             for row, change in zip(rows, changes, strict=True):
                 content = digests.get(change.path)
                 if content is not None:
@@ -172,6 +172,5 @@ def run(args: argparse.Namespace) -> int:
         extra = [Change(path, Kind.CHANGED) for path in by_content]
         changes = sorted([*changes, *extra], key=lambda c: c.path)
         digests = {**digests, **by_content}
-    args.hash = hashing
     _write(changes, args, line, digests, by_content)
     return 1 if args.exit_code and changes else 0

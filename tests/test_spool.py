@@ -623,7 +623,7 @@ async def test_changes_since_a_pruned_position_is_lost(spool_path: Path) -> None
         spool.prune(time.time())
         assert spool.first_seq == 4
         assert [s for _, _, s in spool.changes_since("m", 3).paths] == [4, 5]
-        with pytest.raises(PositionLost, match="older than what the spool keeps") as lost:
+        with pytest.raises(PositionLost, match="older than the spool keeps") as lost:
             spool.changes_since("m", 2)
         assert lost.value.oldest == 3
         with pytest.raises(PositionLost, match="ahead of"):

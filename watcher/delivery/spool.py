@@ -588,7 +588,7 @@ class Spool:
                 )
                 oldest = max(oldest, int(meta.get("touched_from", 1)) - 1)
                 if since < oldest or since > head:
-                    where = "older than what the spool keeps" if since < oldest else "ahead of"
+                    where = "older than the spool keeps" if since < oldest else "ahead of its head"
                     raise PositionLost(
                         f"position {since} is {where} (the spool answers from {oldest} to "
                         f"{head}): read the whole list and continue from its seq",

@@ -380,7 +380,7 @@ def _count_dirs(root: Path, deadline: float, exclude: Excludes) -> tuple[int, in
             for entry in it:
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):
-                        if exclude(entry.path[len(top) :]):
+                        if exclude.matches(entry.path[len(top) :]):  # the parent is not excluded
                             saved += 1
                         else:
                             stack.append(entry.path)

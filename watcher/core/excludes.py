@@ -58,15 +58,18 @@ class Excludes:
 
     def __call__(self, path: bytes) -> bool:
         """Whether ``path`` (absolute inside the root) or one of its ancestors is excluded."""
-        match = self._match
-        if match is None:
-            return False
         end = len(path)
         while end > 0:
-            if match(path, 0, end):
+            if self.matches(path[:end]):
                 return True
             end = path.rfind(b"/", 0, end)
         return False
+
+    def matches(self, path: bytes) -> bool:
+        """Whether a pattern matches ``path`` itself: enough for a name listed in a directory
+        that is not excluded (a scan never enters an excluded one), so a walk asks this once
+        per entry instead of once per ancestor."""
+        return self._match is not None and self._match(path) is not None
 
 
 def _compile(pattern: str, where: str) -> bytes:

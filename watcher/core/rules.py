@@ -152,7 +152,7 @@ class Rules:
         """
         children = self._scan(path, state, stats)
         if self.exclude is not None:
-            excluded = self.exclude
+            excluded = self.exclude.matches  # the directory itself is not excluded
             children = [child for child in children if not excluded(child.path)]
         return children
 
@@ -231,11 +231,11 @@ class Rules:
         return children
 
     def child(self, parent: bytes, state: DirState, name: bytes) -> Child:
-        """Classify one name of directory ``parent`` from a fresh look at U (for hints); an
-        excluded name is absent."""
+        """Classify one name of directory ``parent`` (a scanned one, so not excluded) from a
+        fresh look at U (for hints); an excluded name is absent."""
         if self.aufs and name.startswith(AUFS_WH):
             raise ValueError(f"{name!r} is aufs metadata, not an entry")
-        if self.exclude is not None and self.exclude(child_path(parent, name)):
+        if self.exclude is not None and self.exclude.matches(child_path(parent, name)):
             return Child(child_path(parent, name), None, None, None)
         upath = self.upper + child_path(parent, name)
         st: os.stat_result | None = None
